@@ -32,6 +32,7 @@ import torch
 from kvpress import BasePress, KnormPress, ScorerPress, SnapKVPress, StreamingLLMPress
 from kvpress.utils import compute_n_kept
 from torch import nn
+from transformers import Cache
 
 from timebill.errors import InvalidInputError
 
@@ -99,8 +100,8 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
     return [layer.self_attn for layer in inner.layers]
 
 
-def score_from_cache(  # noqa: ANN001 - cache is any HF Cache
-    model: nn.Module, press: ScorerPress, cache, prompt_len: int, alpha: float
+def score_from_cache(
+    model: nn.Module, press: ScorerPress, cache: Cache, prompt_len: int, alpha: float
 ) -> dict[int, torch.Tensor]:
     """Scores for key-only presses (KNorm, StreamingLLM), computed from the cached prompt keys."""
     press = dataclasses.replace(press, compression_ratio=alpha)
@@ -115,8 +116,8 @@ def score_from_cache(  # noqa: ANN001 - cache is any HF Cache
     return scores
 
 
-def evict(  # noqa: ANN001 - cache is any HF Cache
-    model: nn.Module, cache, scores: dict[int, torch.Tensor], prompt_kv_len: int, alpha: float
+def evict(
+    model: nn.Module, cache: Cache, scores: dict[int, torch.Tensor], prompt_kv_len: int, alpha: float
 ) -> tuple[int, dict[int, torch.Tensor]]:
     """Keep the top ``(1-α)`` share of the first ``prompt_kv_len`` cached tokens in every layer.
 
