@@ -12,6 +12,7 @@ choose α after it. :meth:`Engine.generate` chains them for a fixed α.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -22,6 +23,7 @@ import torch
 from transformers import DynamicCache
 
 from timebill.errors import InvalidInputError, PromptTooLongError
+from timebill.fastpath import WEIGHT_MODES, FastDecoder, FastPathUnsupported, StaticKVCache
 from timebill.loading import ModelSource, load_model_and_tokenizer, resolve_model
 from timebill.presses import (
     PRESS_NAMES,
@@ -31,6 +33,8 @@ from timebill.presses import (
     score_from_cache,
     scores_need_prefill,
 )
+
+logger = logging.getLogger(__name__)
 
 STOP_EOS = "eos"
 STOP_MAX_TOKENS = "max_tokens"
@@ -90,10 +94,13 @@ class PrefillState:
     press_name: str
     alpha: float = 0.0
     evict_s: float = 0.0
+    static: StaticKVCache | None = None  # set once decoding starts on the fast path
     extra: dict = field(default_factory=dict)
 
     @property
     def kv_len(self) -> int:
+        if self.static is not None:
+            return self.static.length
         return int(self.cache.layers[0].keys.shape[2])
 
 
@@ -143,7 +150,9 @@ def validate_request(
 class Engine:
     """A loaded causal LM with its tokenizer, ready to serve one request at a time."""
 
-    def __init__(self, model, tokenizer, source: ModelSource, threads: int) -> None:  # noqa: ANN001 - HF types
+    def __init__(  # noqa: ANN001 - HF types
+        self, model, tokenizer, source: ModelSource, threads: int, fast: bool = True, weights: str = "fp32"
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.source = source
@@ -154,13 +163,37 @@ class Engine:
         self.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         # Last measured decode-step time; the deadline guard's estimate for a request's first step.
         self.last_step_s = 0.0
+        if weights not in WEIGHT_MODES:
+            raise InvalidInputError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {weights!r}")
+        if weights != "fp32" and not fast:
+            raise InvalidInputError("quantised weights need the fast decode path (fast=True)")
+        self.weights = weights
+        self.fast: FastDecoder | None = None
+        self.fast_fallback_reason: str | None = None
+        if fast:
+            try:
+                self.fast = FastDecoder(model, weights=weights)
+            except FastPathUnsupported as exc:
+                self.fast_fallback_reason = str(exc)
+                logger.warning("fast decode path unavailable (%s); decoding through the HF model", exc)
+
+    @property
+    def decode_path(self) -> str:
+        """Which decode implementation runs: ``fast-fp32``, ``fast-int8`` or ``hf``."""
+        return f"fast-{self.weights}" if self.fast is not None else "hf"
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(
-        cls, model: str | os.PathLike[str] | None = None, threads: int | None = None, warmup: bool = True
+        cls,
+        model: str | os.PathLike[str] | None = None,
+        threads: int | None = None,
+        warmup: bool = True,
+        device: str | None = None,
+        fast: bool = True,
+        weights: str = "fp32",
     ) -> Engine:
-        """Load ``model`` (None = embedded SmolLM2-135M-Instruct) and warm it up.
+        """Load ``model`` (None = embedded SmolLM2-135M-Instruct) on ``device`` (default CPU) and warm it up.
 
         The warm-up (one short prefill and a few decode steps) pays one-off allocation costs now,
         so no request pays them inside its time budget, and seeds the deadline guard's step time.
@@ -171,7 +204,11 @@ class Engine:
         torch.set_num_threads(threads)
         source = resolve_model(model)
         hf_model, tokenizer = load_model_and_tokenizer(source)
-        engine = cls(hf_model, tokenizer, source, threads)
+        if device is not None and torch.device(device).type != "cpu":
+            hf_model = hf_model.to(device)
+        engine = cls(
+            hf_model, tokenizer, source, threads, fast=fast and hf_model.device.type == "cpu", weights=weights
+        )
         if warmup:
             engine.warmup()
         return engine
@@ -273,9 +310,14 @@ class Engine:
         t0 = time.perf_counter()
         press_obj = make_press(state.press_name)
         scores = state.scores
+        cache = state.static.as_layers() if state.static is not None else state.cache
         if scores is None or not scores_need_prefill(press_obj):
-            scores = score_from_cache(self.model, press_obj, state.cache, state.prompt_kv_len, alpha)
-        state.prompt_kv_len, state.scores = evict(self.model, state.cache, scores, state.prompt_kv_len, alpha)
+            scores = score_from_cache(self.model, press_obj, cache, state.prompt_kv_len, alpha)
+        if state.static is not None:
+            state.prompt_kv_len, state.scores = state.static.evict_prompt(scores, state.prompt_kv_len, alpha)
+        else:
+            state.prompt_kv_len, state.scores = evict(self.model, cache, scores, state.prompt_kv_len, alpha)
+        self.synchronize()  # pruning is asynchronous on a GPU: time the work, not its launch
         state.alpha = 1.0 - (1.0 - state.alpha) * (1.0 - alpha)
         state.evict_s += time.perf_counter() - t0
         return state.prompt_kv_len
@@ -320,10 +362,11 @@ class Engine:
         if first in self.stop_ids:
             return tokens, times, steps, STOP_EOS
 
-        model, stop_ids, cache = self.model, self.stop_ids, state.cache
+        stop_ids = self.stop_ids
+        self.begin_decode(state, max_new_tokens)
         position = state.prompt_tokens  # RoPE position of the next input token (original numbering)
         last_step = self.last_step_s
-        token = torch.tensor([[first]], dtype=torch.long, device=self.device)
+        token = first
         stop = STOP_MAX_TOKENS
         for i in range(1, max_new_tokens):
             if on_step is not None:
@@ -331,9 +374,7 @@ class Engine:
             if now + last_step > deadline_at:
                 stop = STOP_DEADLINE
                 break
-            pos = torch.tensor([[position]], dtype=torch.long, device=self.device)
-            out = model(input_ids=token, past_key_values=cache, position_ids=pos, use_cache=True)
-            logits = out.logits[0, -1]
+            logits = self.decode_step(state, token, position)
             nxt = int(logits.argmax()) if generator is None else _sample(logits, sampling, generator)
             t = time.perf_counter()
             last_step = t - now
@@ -345,10 +386,45 @@ class Engine:
                 stop = STOP_EOS
                 break
             position += 1
-            token = torch.tensor([[nxt]], dtype=torch.long, device=self.device)
+            token = nxt
         if steps:
             self.last_step_s = steps[-1]
         return tokens, times, steps, stop
+
+    def begin_decode(self, state: PrefillState, max_new_tokens: int) -> None:
+        """Move the (evicted) prefill KV into the fast path's static cache, sized for this request.
+
+        Called by :meth:`decode`; the profiler calls it too, so both time the same step. A no-op on
+        the HF path or when already done.
+        """
+        if self.fast is None or state.static is not None:
+            return
+        layers = state.cache.layers
+        capacity = int(layers[0].keys.shape[2]) + max_new_tokens + 1
+        state.static = self.fast.new_cache([x.keys for x in layers], [x.values for x in layers], capacity)
+        state.cache = DynamicCache()  # the static cache is the only copy now; free the old tensors
+
+    @torch.inference_mode()
+    def decode_step(self, state: PrefillState, token: int, position: int) -> torch.Tensor:
+        """One decode forward: feed ``token`` at RoPE ``position``, append its KV to the request's cache.
+
+        The single code path of a decode step: :meth:`decode` loops over it and the estimator's
+        profiler times it, so the profiled step *is* the production step. Returns the next-token
+        logits (shape ``(vocab,)``). Reading them (``argmax`` → ``int``) waits for a GPU to finish.
+        Call :meth:`begin_decode` first.
+        """
+        if state.static is not None:
+            return self.fast.step(state.static, token, position)
+        cache = state.cache
+        ids = torch.tensor([[token]], dtype=torch.long, device=self.device)
+        pos = torch.tensor([[position]], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=ids, past_key_values=cache, position_ids=pos, use_cache=True)
+        return out.logits[0, -1]
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (a no-op on CPU), so a clock read after it times the work."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     # ------------------------------------------------------------------ one call
     def generate(
