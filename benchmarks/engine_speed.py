@@ -92,7 +92,8 @@ def main() -> None:
     engine = Engine.load(None, threads=args.threads)
     engine.stop_ids = set()  # measure a fixed number of steps
     print(
-        f"# engine_speed  threads={torch.get_num_threads()}  model={engine.source.model_id}  torch={torch.__version__}"
+        f"# engine_speed  threads={torch.get_num_threads()}  model={engine.source.model_id}  "
+        f"torch={torch.__version__}"
     )
     print(f"# command: {' '.join(sys.argv)}")
     configs = ["engine a=0", "hf generate", "engine a=0.5", "engine a=0.9"]
@@ -124,7 +125,8 @@ def main() -> None:
         e5 = med("engine a=0.5", n, 1)
         e9 = med("engine a=0.9", n, 1)
         print(
-            f"  N={n:<5} engine/hf = {e0 / base:5.3f}   a=0.5/a=0 = {e5 / e0:5.3f}   a=0.9/a=0 = {e9 / e0:5.3f}   "
+            f"  N={n:<5} engine/hf = {e0 / base:5.3f}   a=0.5/a=0 = {e5 / e0:5.3f}   "
+            f"a=0.9/a=0 = {e9 / e0:5.3f}   "
             f"(step ms: a=0 {1e3 / e0:.1f}, a=0.9 {1e3 / e9:.1f}, hf {1e3 / base:.1f})"
         )
 

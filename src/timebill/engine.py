@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -150,8 +151,14 @@ def validate_request(
 class Engine:
     """A loaded causal LM with its tokenizer, ready to serve one request at a time."""
 
-    def __init__(  # noqa: ANN001 - HF types
-        self, model, tokenizer, source: ModelSource, threads: int, fast: bool = True, weights: str = "fp32"
+    def __init__(
+        self,
+        model: Any,  # a transformers PreTrainedModel (causal LM)
+        tokenizer: Any,  # its tokenizer
+        source: ModelSource | None,
+        threads: int,
+        fast: bool = True,
+        weights: str = "fp32",
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer

@@ -23,9 +23,8 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from kvpress.utils import compute_n_kept
+from torch import nn
 
 from timebill.errors import CacheCapacityError
 
@@ -211,7 +210,8 @@ class FastDecoder:
         n = cache.length
         if n >= cache.capacity:
             raise CacheCapacityError(
-                f"KV cache full ({cache.capacity} tokens): allocate more capacity (max_new_tokens) for this request."
+                f"KV cache full ({cache.capacity} tokens): allocate more capacity (max_new_tokens) "
+                "for this request."
             )
         hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv
         cos = self.cos[position]
