@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,25 +40,28 @@ class FastPathUnsupported(Exception):
 
 @dataclass
 class _Linear:
-    """A weight in the chosen storage: fp32 matrix, or int8 matrix + per-output-channel scales."""
+    """A weight in the chosen storage: an fp32 matrix, or fbgemm-packed int8 with per-channel scales."""
 
-    weight: torch.Tensor
-    scales: torch.Tensor | None = None
+    weight: Any  # torch.Tensor (fp32) or fbgemm's packed int8 LinearPackedParams
 
     @classmethod
     def make(cls, weight: torch.Tensor, mode: str) -> _Linear:
         weight = weight.detach().contiguous()
         if mode == "fp32":
             return cls(weight.float())
-        # Symmetric per-row int8: scale = max|w| / 127; the int8 pack kernel dequantises on the fly.
-        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        q = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-        return cls(q, scales.float().contiguous())
+        # Weight-only storage is int8, symmetric per output channel; fbgemm's dynamic linear quantises
+        # the activation row on the fly and runs an int8 GEMV (AVX512-VNNI here). Measured on this
+        # machine, it is 3-5x faster than an fp32 GEMV of the same shape and far faster than
+        # aten._weight_int8pack_mm, whose M=1 CPU kernel is slower than fp32.
+        scales = (weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0).double()
+        zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
+        q = torch.quantize_per_channel(weight.float(), scales, zero_points, axis=0, dtype=torch.qint8)
+        return cls(torch.ops.quantized.linear_prepack(q, None))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.scales is None:
+        if isinstance(self.weight, torch.Tensor):
             return F.linear(x, self.weight)
-        return torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales)
+        return torch.ops.quantized.linear_dynamic(x, self.weight, True)
 
 
 class StaticKVCache:
@@ -157,6 +161,7 @@ class FastDecoder:
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.hidden = cfg.hidden_size
+        self.inter = cfg.intermediate_size
         self.eps = float(cfg.rms_norm_eps)
         self.max_positions = int(cfg.max_position_embeddings)
         self.q_size = self.n_heads * self.head_dim
@@ -186,6 +191,11 @@ class FastDecoder:
             cos, sin = inner.rotary_emb(self.embed[:1].unsqueeze(0), positions)
         self.cos = cos[0].contiguous()  # [max_positions, head_dim]
         self.sin = sin[0].contiguous()
+        # Lean-step tables: rotate_half(x) * sin == roll(x, half) * signed_sin, one op fewer per use.
+        half = self.head_dim // 2
+        self.signed_sin = torch.cat([-self.sin[:, :half], self.sin[:, half:]], dim=-1).contiguous()
+        # int8 mode has no bit-exactness to keep, so it takes the step with fewer, fused ops.
+        self.step = self._step_lean if weights == "int8" else self._step_exact
 
     # --------------------------------------------------------------- cache management
     def new_cache(self, keys: list[torch.Tensor], values: list[torch.Tensor], capacity: int) -> StaticKVCache:
@@ -204,15 +214,48 @@ class FastDecoder:
         half = x.shape[-1] // 2
         return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
-    @torch.inference_mode()
-    def step(self, cache: StaticKVCache, token: int, position: int) -> torch.Tensor:
-        """One token through all layers; appends its K/V to ``cache``; returns the logits ``[vocab]``."""
+    def _check_room(self, cache: StaticKVCache) -> int:
         n = cache.length
         if n >= cache.capacity:
             raise CacheCapacityError(
                 f"KV cache full ({cache.capacity} tokens): allocate more capacity (max_new_tokens) "
                 "for this request."
             )
+        return n
+
+    @torch.inference_mode()
+    def _step_lean(self, cache: StaticKVCache, token: int, position: int) -> torch.Tensor:
+        """The int8 step: fused RMSNorm, RoPE on q and k at once, attention as two small batched matmuls
+        (for one query, cheaper than SDPA's kernel set-up), the softmax scale folded into the query."""
+        n = self._check_room(cache)
+        hd, nkv = self.head_dim, self.n_kv
+        groups = self.n_heads // nkv
+        half = hd // 2
+        n_qk = self.n_heads + nkv
+        cos, sin = self.cos[position], self.signed_sin[position]
+        scale = hd**-0.5
+        x = self.embed[token].view(1, self.hidden)
+        eps, shape = self.eps, (self.hidden,)
+        for i, (w_in, qkv_w, o_w, w_post, gu_w, down_w) in enumerate(self.layers):
+            qkv = qkv_w(F.rms_norm(x, shape, w_in, eps))
+            qk = qkv[0, : self.q_size + self.kv_size].view(n_qk, hd)
+            qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)
+            cache.k[i, :, n] = qk[self.n_heads :]
+            cache.v[i, :, n] = qkv[0, self.q_size + self.kv_size :].view(nkv, hd)
+            q = qk[: self.n_heads].view(nkv, groups, hd)
+            scores = torch.bmm(q, cache.k[i, :, : n + 1].transpose(1, 2)).mul_(scale)
+            attn = torch.bmm(torch.softmax(scores, dim=-1), cache.v[i, :, : n + 1])
+            x = x + o_w(attn.view(1, self.q_size))
+            gu = gu_w(F.rms_norm(x, shape, w_post, eps))
+            x = x + down_w(F.silu(gu[:, : self.inter]) * gu[:, self.inter :])
+        cache.length = n + 1
+        return self.lm_head(F.rms_norm(x, shape, self.final_norm, eps))[0]
+
+    @torch.inference_mode()
+    def _step_exact(self, cache: StaticKVCache, token: int, position: int) -> torch.Tensor:
+        """One token through all layers with HF's exact arithmetic; appends its K/V to ``cache``; returns
+        the logits ``[vocab]``."""
+        n = self._check_room(cache)
         hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv
         cos = self.cos[position]
         sin = self.sin[position]
