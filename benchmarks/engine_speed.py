@@ -13,6 +13,7 @@ and the median is reported.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import sysconfig
@@ -22,6 +23,8 @@ from pathlib import Path
 import torch
 
 from timebill.engine import Engine
+from timebill.estimator.flops import ModelShape
+from timebill.loading import default_gguf_path
 
 
 def real_text_ids(engine: Engine, n_tokens: int) -> list[int]:
@@ -81,53 +84,132 @@ def hf_run(engine: Engine, ids: list[int], steps: int) -> tuple[float, float]:
     return len(ids) / (token_times[0] - t0), 1.0 / statistics.median(step_times)
 
 
+def llama_cpp_run(llm: object, ids: list[int], steps: int) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) for llama.cpp on the same GGUF: eval the prompt, then token by token."""
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    t_prefill = time.perf_counter() - t0
+    token = ids[-1]
+    step_times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        llm.eval([token])
+        step_times.append(time.perf_counter() - t)
+    return len(ids) / t_prefill, 1.0 / statistics.median(step_times)
+
+
+def memory_bandwidth_gbs(size_mb: int = 512, repeats: int = 5) -> float:
+    """Read bandwidth (GB/s) of a large fp32 sum, the bound for a memory-bound decode step."""
+    a = torch.ones(size_mb * (1 << 20) // 4)
+    a.sum()
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t)
+    return a.numel() * 4 / best / 1e9
+
+
+def weight_bytes_per_token(engine: Engine, weights: str) -> float:
+    """Bytes of weights a decode step reads (matmul weights; embeddings read one row)."""
+    cfg = engine.model.config
+    shape = ModelShape.from_config(cfg)
+    params = shape.matmul_params()
+    return params * (1 if weights == "int8" else 4)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 1024, 2048])
     parser.add_argument("--steps", type=int, default=32, help="decode steps per run")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even if installed")
     args = parser.parse_args()
 
     engine = Engine.load(None, threads=args.threads)
-    engine.stop_ids = set()  # measure a fixed number of steps
+    hf_path = Engine(engine.model, engine.tokenizer, engine.source, args.threads, fast=False)
+    int8 = Engine(engine.model, engine.tokenizer, engine.source, args.threads, weights="int8")
+    for eng in (engine, hf_path, int8):
+        eng.warmup()
+        eng.stop_ids = set()  # measure a fixed number of steps
+    runners = {
+        "hf generate": lambda ids: hf_run(engine, ids, args.steps),
+        "ours hf-path a=0": lambda ids: engine_run(hf_path, ids, 0.0, args.steps),
+        "ours fp32 a=0": lambda ids: engine_run(engine, ids, 0.0, args.steps),
+        "ours fp32 a=0.5": lambda ids: engine_run(engine, ids, 0.5, args.steps),
+        "ours fp32 a=0.9": lambda ids: engine_run(engine, ids, 0.9, args.steps),
+        "ours int8 a=0": lambda ids: engine_run(int8, ids, 0.0, args.steps),
+        "ours int8 a=0.9": lambda ids: engine_run(int8, ids, 0.9, args.steps),
+    }
+    llama_note = "llama.cpp: not installed (make bench-install)"
+    if not args.no_llama_cpp:
+        try:
+            from llama_cpp import Llama
+
+            llm = Llama(
+                model_path=str(default_gguf_path()),
+                n_ctx=max(args.lengths) + args.steps + 8,
+                n_threads=args.threads,
+                n_threads_batch=args.threads,
+                n_batch=512,
+                verbose=False,
+            )
+            runners["llama.cpp Q4_1"] = lambda ids: llama_cpp_run(llm, ids, args.steps)
+            import llama_cpp
+
+            llama_note = f"llama.cpp: llama-cpp-python {llama_cpp.__version__}, same GGUF (Q4_1), n_batch 512"
+        except ImportError:
+            pass
+
     print(
         f"# engine_speed  threads={torch.get_num_threads()}  model={engine.source.model_id}  "
-        f"torch={torch.__version__}"
+        f"torch={torch.__version__}  date={time.strftime('%Y-%m-%d %H:%M')}"
     )
     print(f"# command: {' '.join(sys.argv)}")
-    configs = ["engine a=0", "hf generate", "engine a=0.5", "engine a=0.9"]
+    print(f"# {llama_note}")
     results: dict[tuple[str, int], list[tuple[float, float]]] = {}
     for n in args.lengths:
         ids = real_text_ids(engine, n)
         for _ in range(args.repeats):
-            for name in configs:
-                if name == "hf generate":
-                    r = hf_run(engine, ids, args.steps)
-                else:
-                    r = engine_run(engine, ids, float(name.split("=")[1]), args.steps)
-                results.setdefault((name, n), []).append(r)
+            for name, run in runners.items():  # interleaved, so drift hits every row alike
+                results.setdefault((name, n), []).append(run(ids))
 
     def med(name: str, n: int, i: int) -> float:
         return statistics.median(r[i] for r in results[(name, n)])
 
     print()
-    print(f"{'config':<14}" + "".join(f"{'N=' + str(n):>22}" for n in args.lengths))
-    print(f"{'':<14}" + "".join(f"{'prefill/decode tok/s':>22}" for _ in args.lengths))
-    for name in configs:
-        cells = "".join(f"{med(name, n, 0):>13.0f} /{med(name, n, 1):>6.1f}" for n in args.lengths)
-        print(f"{name:<14}{cells}")
+    print(f"{'config':<18}" + "".join(f"{'N=' + str(n):>20}" for n in args.lengths))
+    print(f"{'':<18}" + "".join(f"{'prefill / decode':>20}" for _ in args.lengths))
+    for name in runners:
+        cells = "".join(f"{med(name, n, 0):>12.0f} /{med(name, n, 1):>6.1f}" for n in args.lengths)
+        print(f"{name:<18}{cells}")
+    print("(tok/s; decode = 1 / median per-token step time)")
     print()
     print("ratios (decode tok/s):")
     for n in args.lengths:
         base = med("hf generate", n, 1)
-        e0 = med("engine a=0", n, 1)
-        e5 = med("engine a=0.5", n, 1)
-        e9 = med("engine a=0.9", n, 1)
+        own = med("ours hf-path a=0", n, 1)
+        e0 = med("ours fp32 a=0", n, 1)
+        e9 = med("ours fp32 a=0.9", n, 1)
+        i8 = med("ours int8 a=0", n, 1)
+        line = (
+            f"  N={n:<5} hf-path/generate={own / base:5.3f}  fp32/generate={e0 / base:5.3f}  "
+            f"a0.9/a0={e9 / e0:5.3f}  int8/generate={i8 / base:5.3f}"
+        )
+        if "llama.cpp Q4_1" in runners:
+            lc = med("llama.cpp Q4_1", n, 1)
+            line += f"  int8/llama.cpp={i8 / lc:5.3f}  fp32/llama.cpp={e0 / lc:5.3f}"
+        print(line)
+    print()
+    bw = memory_bandwidth_gbs()
+    print(f"memory read bandwidth (fp32 sum of 512 MiB, best of 5): {bw:.1f} GB/s")
+    for weights in ("fp32", "int8"):
+        b = weight_bytes_per_token(engine, weights)
         print(
-            f"  N={n:<5} engine/hf = {e0 / base:5.3f}   a=0.5/a=0 = {e5 / e0:5.3f}   "
-            f"a=0.9/a=0 = {e9 / e0:5.3f}   "
-            f"(step ms: a=0 {1e3 / e0:.1f}, a=0.9 {1e3 / e9:.1f}, hf {1e3 / base:.1f})"
+            f"  {weights}: weights {b / 1e9:.3f} GB/token -> floor {1e3 * b / bw / 1e9:.1f} ms/token "
+            f"({bw * 1e9 / b:.0f} tok/s), plus KV {46 * 1024 * 2048 / 1e9:.3f} GB at N=2048 fp32"
         )
 
 

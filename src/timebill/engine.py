@@ -63,6 +63,7 @@ class GenerationResult:
     deadline_s: float | None
     threads: int
     model_id: str
+    decode_path: str = "hf"  # fast-fp32 | fast-int8 | hf
 
     @property
     def tokens_generated(self) -> int:
@@ -77,7 +78,8 @@ class GenerationResult:
         return (
             f"prompt_tokens={self.prompt_tokens} kept_kv={self.kept_kv_tokens} alpha={self.alpha:g} "
             f"press={self.press} prefill={self.prefill_s * 1e3:.1f}ms decode={self.decode_s * 1e3:.1f}ms "
-            f"tokens={self.tokens_generated} stop={self.stop_reason} threads={self.threads}"
+            f"tokens={self.tokens_generated} stop={self.stop_reason} threads={self.threads} "
+            f"path={self.decode_path}"
         )
 
 
@@ -478,6 +480,7 @@ class Engine:
             deadline_s=deadline_s,
             threads=self.threads,
             model_id=self.source.model_id,
+            decode_path=self.decode_path,
         )
 
 
