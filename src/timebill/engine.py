@@ -269,12 +269,20 @@ class Engine:
     # ------------------------------------------------------------------ the three phases
     @torch.inference_mode()
     def prefill(
-        self, input_ids: list[int], press: str = "snapkv", capture: bool = True, t_start: float | None = None
+        self,
+        input_ids: list[int],
+        press: str = "snapkv",
+        capture: bool = True,
+        t_start: float | None = None,
+        capture_hidden: bool = False,
     ) -> PrefillState:
         """Run the prompt forward, produce the first token, and (optionally) record eviction scores.
 
         ``capture`` records SnapKV scores during the forward; it is only needed if the request may
         evict (the facade always passes True because α* is unknown until after prefill).
+        ``capture_hidden`` keeps the final-norm hidden state of the last prompt token in
+        ``state.extra["last_hidden"]``: the zero-overhead length probe reads it (the forward computes
+        it anyway; a hook just keeps a reference to one row).
         """
         t_start = time.perf_counter() if t_start is None else t_start
         if not input_ids:
@@ -283,14 +291,24 @@ class Engine:
         press_obj = make_press(press)
         ids = torch.tensor([input_ids], dtype=torch.long, device=self.device)
         cache = DynamicCache()
+        hidden: dict[str, torch.Tensor] = {}
+        hook = None
+        if capture_hidden:
+            hook = self.model.model.norm.register_forward_hook(
+                lambda _m, _i, out: hidden.__setitem__("last", out[0, -1])
+            )
         t0 = time.perf_counter()
-        if capture and scores_need_prefill(press_obj):
-            with capture_scores(self.model, press_obj) as scores:
+        try:
+            if capture and scores_need_prefill(press_obj):
+                with capture_scores(self.model, press_obj) as scores:
+                    out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                scores = dict(scores)
+            else:
                 out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            scores = dict(scores)
-        else:
-            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            scores = None
+                scores = None
+        finally:
+            if hook is not None:
+                hook.remove()
         first = int(out.logits[0, -1].argmax())
         prefill_s = time.perf_counter() - t0
         state = PrefillState(
@@ -304,6 +322,8 @@ class Engine:
             press_name=press,
         )
         state.extra["first_logits"] = out.logits[0, -1]
+        if "last" in hidden:
+            state.extra["last_hidden"] = hidden["last"]
         return state
 
     @torch.inference_mode()
