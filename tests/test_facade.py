@@ -1,0 +1,160 @@
+"""TimeBill's request path on the real model: plan, feasibility, the deadline, re-planning, bad input."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from timebill.errors import InfeasibleBudgetError, InvalidInputError
+from timebill.facade import TimeBill, parse_budget
+
+PROMPT = "Summarise this: " + "The robot arm picks a part, checks it and places it on the conveyor belt. " * 20
+
+
+@dataclass
+class _Prediction:
+    point: float
+    spread: float = 2.0
+
+    def upper(self, delta: float) -> float:
+        return self.point * self.spread * (1 + math.log(1 / delta) / 3)
+
+
+class ConstantPredictor:
+    """The simplest real length predictor: always the same length (a training-set median, say)."""
+
+    uses_prefill_hidden = False
+
+    def __init__(self, length: float) -> None:
+        self.length = length
+        self.calls = 0
+
+    def predict(self, prompt: str) -> _Prediction:
+        self.calls += 1
+        return _Prediction(self.length)
+
+
+@pytest.fixture(scope="module")
+def estimator(engine):
+    """A real profile of this machine, small grid (seconds), as the facade's time model."""
+    from timebill.estimator import ExecutionTimeEstimator, profile_engine
+    from timebill.estimator.profiler import ProfileGrid
+
+    grid = ProfileGrid(
+        name="test",
+        prefill_n=(16, 64, 128, 256, 384, 512),
+        decode_n_kv=(16, 128, 256, 512),
+        evict_alphas=(0.5,),
+        repeats=1,
+        decode_repeats=1,
+        steps_per_sample=3,
+        max_retries=0,
+        max_wait_s=0.0,
+    )
+    return ExecutionTimeEstimator.from_profile(profile_engine(engine, grid, progress=False))
+
+
+@pytest.fixture
+def timebill(engine, estimator) -> TimeBill:
+    estimator.reset_recalibration()
+    return TimeBill(engine, estimator, ConstantPredictor(24), arrangement="sequential")
+
+
+def test_budget_parsing() -> None:
+    assert parse_budget("4.5") == 4.5
+    assert parse_budget("4500ms") == 4.5
+    assert parse_budget("2s") == 2.0
+    assert parse_budget(0.25) == 0.25
+    for bad in ("", "fast", "-1", "0", "nan", "1.5 h", float("nan"), float("inf"), -2.0, 0.0):
+        with pytest.raises(InvalidInputError):
+            parse_budget(bad)
+
+
+def test_generate_meets_a_roomy_budget_and_reports_the_plan(timebill: TimeBill) -> None:
+    result = timebill.generate(PROMPT, time_budget=20.0, max_new_tokens=32)
+    plan = result.plan
+    assert plan.n_x == result.generation.prompt_tokens
+    assert plan.n_worst == min(24 * 5, 32)  # k = 5, capped by N_max = max_new_tokens
+    assert plan.feasible and plan.alpha == 0.0  # plenty of time: no eviction
+    assert result.deadline_met and result.measured_e2e_s <= 20.0
+    d = result.to_dict()
+    for key in ("n_hat", "n_worst", "alpha_star", "predicted_wcet_s", "measured_e2e_s", "t_predict_s", "feasible"):
+        assert key in d
+
+
+def test_tight_budget_evicts_and_still_meets_the_deadline(timebill: TimeBill, estimator) -> None:
+    n_x = len(timebill.engine.encode(PROMPT))
+    # A budget between the WCET at α_max and at α=0 forces 0 < α* and a feasible plan.
+    full = estimator.wcet_s(n_x, 0.0, 24, k=5, n_max=128)
+    lowest = estimator.wcet_s(n_x, 0.95, 24, k=5, n_max=128)
+    budget = (full + lowest) / 2
+    result = timebill.generate(PROMPT, time_budget=budget, max_new_tokens=128, replan=False)
+    assert 0.0 < result.plan.alpha < 0.95
+    assert result.generation.kept_kv_tokens < n_x
+    assert result.measured_e2e_s <= budget * 1.05  # the guard stops before the token that would be late
+
+
+def test_infeasible_budget_is_refused_before_any_work(timebill: TimeBill, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.setattr(timebill.engine, "prefill", lambda *a, **k: calls.append(1))
+    t0 = time.perf_counter()
+    with pytest.raises(InfeasibleBudgetError, match="prefill") as info:
+        timebill.generate(PROMPT, time_budget="1ms")
+    assert calls == []
+    assert info.value.earliest_feasible_s and info.value.earliest_feasible_s > 0.001
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_dry_run_plan_does_not_generate(timebill: TimeBill) -> None:
+    plan = timebill.plan(PROMPT, time_budget=5.0, max_new_tokens=64)
+    assert plan.n_worst == min(24 * 5, 64) and 0.0 <= plan.alpha <= 0.95
+    assert timebill.predictor.calls == 1
+
+
+def test_replanning_evicts_more_when_steps_slow_down(timebill: TimeBill, estimator) -> None:
+    """Inject a deterministic slowdown (each step sleeps): re-planning must shrink the KV mid-decode."""
+    n_x = len(timebill.engine.encode(PROMPT))
+    budget = estimator.wcet_s(n_x, 0.0, 24, k=5, n_max=64) * 1.3
+    step = estimator.step_s(n_x)
+
+    def slow(i: int) -> None:
+        if i >= 4:
+            time.sleep(step * 1.5)
+
+    result = timebill.generate(PROMPT, time_budget=budget, max_new_tokens=64, step_hook=slow, replan=True)
+    assert result.replans, "a slowdown of 2.5x must trigger re-planning"
+    assert result.generation.kept_kv_tokens < n_x
+    assert result.alpha > result.plan.alpha
+    first = result.replans[0]
+    assert first["prompt_kv_after"] < first["prompt_kv_before"]
+
+
+def test_no_replanning_when_on_time(timebill: TimeBill) -> None:
+    result = timebill.generate(PROMPT, time_budget=30.0, max_new_tokens=24, replan=True)
+    assert result.replans == []
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"time_budget": 0},
+        {"time_budget": -1.0},
+        {"time_budget": float("nan")},
+        {"time_budget": 5.0, "k": 0.5},
+        {"time_budget": 5.0, "alpha_max": 1.0},
+        {"time_budget": 5.0, "alpha_max": 0.0},
+        {"time_budget": 5.0, "bound": "magic"},
+        {"time_budget": 5.0, "max_new_tokens": 0},
+    ],
+)
+def test_bad_inputs_are_clear_errors(timebill: TimeBill, kwargs: dict) -> None:
+    with pytest.raises(InvalidInputError):
+        timebill.generate(PROMPT, **kwargs)
+
+
+def test_empty_prompt_is_a_clear_error(timebill: TimeBill) -> None:
+    with pytest.raises(InvalidInputError, match="empty"):
+        timebill.generate("  ", time_budget=5.0)
