@@ -104,6 +104,8 @@ class TimeBillResult:
     deadline_met: bool
     replans: list[dict[str, float]] = field(default_factory=list)
     arrangement: str = "probe"
+    plan_compute_s: float = 0.0  # computing α* (the planner's closed form and its checks)
+    overhead_s: float = 0.0  # everything between request start and the first decode step except prefill
 
     @property
     def alpha(self) -> float:
@@ -135,6 +137,8 @@ class TimeBillResult:
             "tokens_generated": gen["tokens_generated"],
             "replans": self.replans,
             "arrangement": self.arrangement,
+            "plan_compute_s": self.plan_compute_s,
+            "overhead_s": self.overhead_s,
             "plan": asdict(self.plan),
             "generation": gen,
         }
@@ -193,9 +197,7 @@ class TimeBill:
         from timebill.predictor import load_default_predictor
 
         engine = Engine.load(model, threads=threads, weights=weights)
-        estimator = ExecutionTimeEstimator.for_engine(
-            engine, path=profile, press=options.get("press", "snapkv")
-        )
+        estimator = ExecutionTimeEstimator.for_engine(engine, path=profile, press=options.get("press", "snapkv"))
         return cls(engine, estimator, load_default_predictor(engine, predictor), **options)
 
     # ------------------------------------------------------------------ validation
@@ -212,9 +214,7 @@ class TimeBill:
             raise InvalidInputError(f"delta must be in (0, 1), got {delta!r}")
         return opts
 
-    def _n_worst(
-        self, prediction: LengthPredictionLike, opts: dict[str, Any], n_max: int
-    ) -> tuple[float, int]:
+    def _n_worst(self, prediction: LengthPredictionLike, opts: dict[str, Any], n_max: int) -> tuple[float, int]:
         n_hat = max(float(prediction.point), 1.0)
         if opts["bound"] == "conformal":
             return n_hat, max(1, min(int(math.ceil(prediction.upper(opts["delta"]))), n_max))
@@ -335,24 +335,21 @@ class TimeBill:
         self._check_prefill_fits(n_x, budget_s)
 
         state, prediction, t_predict = self._prefill_and_predict(prompt, ids, t_start)
-        elapsed = time.perf_counter() - t_start
-        req_plan = self._make_plan(n_x, budget_s, prediction, opts, max_new_tokens, t_predict, elapsed)
+        t_plan = time.perf_counter()
+        req_plan = self._make_plan(n_x, budget_s, prediction, opts, max_new_tokens, t_predict, t_plan - t_start)
+        plan_compute_s = time.perf_counter() - t_plan
         self.engine.evict(state, req_plan.alpha)
         kv_per_layer = [int(layer.keys.shape[2]) for layer in state.cache.layers]
 
         replans: list[dict[str, float]] = []
-        hook = (
-            self._replanner(state, req_plan, budget_s, opts, replans, step_hook) if opts["replan"] else None
-        )
+        hook = self._replanner(state, req_plan, budget_s, opts, replans, step_hook) if opts["replan"] else None
         if hook is None and step_hook is not None:
 
             def hook(i: int, now: float, st: PrefillState) -> None:
                 step_hook(i)
 
         t_decode = time.perf_counter()
-        tokens, times, steps, stop = self.engine.decode(
-            state, max_new_tokens, budget_s, sampling, on_step=hook
-        )
+        tokens, times, steps, stop = self.engine.decode(state, max_new_tokens, budget_s, sampling, on_step=hook)
         t_end = time.perf_counter()
         gen = GenerationResult(
             text=self.engine.tokenizer.decode(
@@ -390,6 +387,8 @@ class TimeBill:
             deadline_met=bool(times) and e2e <= budget_s,
             replans=replans,
             arrangement=self.arrangement,
+            plan_compute_s=plan_compute_s,
+            overhead_s=t_decode - t_start - state.prefill_s,
         )
 
     # ------------------------------------------------------------------ internals
