@@ -341,7 +341,13 @@ def test_key_current_fills_environment() -> None:
     assert set(key.versions) == {"torch", "transformers", "kvpress", "timebill"}
     assert key.versions["torch"] != "absent"
     assert "cores=" in key.host and "ram_gib=" in key.host
-    assert "/" not in key.slug() and key.slug() == _key(threads=8).slug()
+    assert "/" not in key.slug()
+    # one file per setup: every hard field except the weights fingerprint is in the name
+    changes = ({"threads": 8}, {"dtype": "bfloat16"}, {"press": "knorm"}, {"device": "cuda:H100"})
+    for change in (*changes, {"decode_path": "fast-int8"}):
+        assert _key(**change).slug() != key.slug()
+    assert _key(model_sha="other").slug() == key.slug()
+    assert _key(versions={"torch": "0"}, host="elsewhere").slug() == key.slug()
 
 
 def test_profile_round_trip_default_path(tmp_path: Path) -> None:
@@ -397,13 +403,16 @@ def test_load_profile_errors(tmp_path: Path) -> None:
 
 def test_find_profile_mismatch(caplog: pytest.LogCaptureFixture) -> None:
     assert find_profile(_key()) is None  # nothing saved yet
-    save_profile(_profile(_key(threads=2)))
-    now = _key(threads=1)
-    assert check_key(load_profile(default_profile_path(now)), now) == ["threads: profile 2, now 1"]
-    with pytest.raises(ProfileError, match=r"stale profile: threads: profile 2, now 1"):
+    save_profile(_profile(_key(model_sha="abc123")))
+    now = _key(model_sha="def456")  # same model id, new weights: same file, stale contents
+    assert check_key(load_profile(default_profile_path(now)), now) == ["model_sha: profile abc123, now def456"]
+    with pytest.raises(ProfileError, match=r"stale profile: model_sha: profile abc123, now def456"):
         find_profile(now)
+    # another setup has its own file: not stale, just not profiled yet
+    assert find_profile(_key(threads=1)) is None
+    # an explicit path is checked against the whole key
     with pytest.raises(ProfileError, match="dtype"):
-        find_profile(_key(dtype="bfloat16"))
+        find_profile(_key(dtype="bfloat16"), default_profile_path(_key()))
     # library version drift only warns
     drift = _key(versions={**_key().versions, "torch": "0.0.1"})
     with caplog.at_level(logging.WARNING, logger="timebill.estimator.store"):

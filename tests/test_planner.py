@@ -31,9 +31,7 @@ GRID_STEP = ALPHA_MAX / (GRID_STEPS - 1)
 REALISTIC = TimeCoefficients(a=8e-9, b=6e-5, c=0.03, p=1.2e-6, q=0.025)
 
 
-def nominal_total_s(
-    coef: TimeCoefficients, n_x: int, alpha: float, n_worst: int, t_predict_s: float
-) -> float:
+def nominal_total_s(coef: TimeCoefficients, n_x: int, alpha: float, n_worst: int, t_predict_s: float) -> float:
     """Independent restatement of the constraint's left side with the nominal (1-alpha)*N_x kept tokens."""
     kv0 = (1.0 - alpha) * n_x
     decode = sum(coef.p * (kv0 + i - 1) + coef.q for i in range(1, n_worst))
@@ -234,9 +232,7 @@ def test_bruteforce_check_rejects_wrong_closed_forms(wrong_solver: Callable[...,
     """Guards the guard: the comparison above would fail for a plausible wrong formula."""
     disagreements = sum(
         not agrees_with_bruteforce(wrong_solver(coef, n_x, budget, n_worst, t_predict, ALPHA_MAX), brute)
-        for (coef, n_x, n_worst, t_predict, budget, _), brute in zip(
-            random_cases(), bruteforce_answers(), strict=True
-        )
+        for (coef, n_x, n_worst, t_predict, budget, _), brute in zip(random_cases(), bruteforce_answers(), strict=True)
     )
     assert disagreements >= 30
 
@@ -364,9 +360,7 @@ def test_plan_fits_with_real_kept_tokens_on_random_cases() -> None:
     bumped = 0
     for index, (coef, n_x, n_worst, t_predict, budget, _) in enumerate(random_cases()):
         min_kept = (0, 32, 64, 512)[index % 4]
-        result = plan(
-            coef, n_x, budget, 1.0, n_max=8192, n_worst=n_worst, t_predict_s=t_predict, min_kept=min_kept
-        )
+        result = plan(coef, n_x, budget, 1.0, n_max=8192, n_worst=n_worst, t_predict_s=t_predict, min_kept=min_kept)
         closed, _ = solve_alpha(coef, n_x, budget, n_worst, t_predict, ALPHA_MAX)
         real_total = t_predict + e2e_s(coef, n_x, result.alpha, n_worst, min_kept)
         assert result.predicted_wcet_s == pytest.approx(real_total, rel=1e-12)

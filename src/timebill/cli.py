@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from timebill.errors import InfeasibleBudgetError, TimeBillError
+from timebill.errors import InfeasibleBudgetError, InvalidInputError, TimeBillError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="TimeBill: time-budgeted LLM inference.")
 
@@ -37,14 +37,59 @@ def _read_prompt(prompt: str) -> str:
     return prompt
 
 
+def _generate_budgeted(  # noqa: PLR0913 - mirrors the CLI flags one to one
+    prompt: str,
+    budget: str,
+    model: str | None,
+    threads: int | None,
+    weights: str,
+    profile: str | None,
+    predictor: str | None,
+    max_new_tokens: int,
+    k: float | None,
+    alpha_max: float | None,
+    bound: str | None,
+    delta: float | None,
+    replan: bool,
+    dry_run: bool,
+    chat: bool,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+    as_json: bool,
+) -> None:
+    from timebill.facade import TimeBill, parse_budget
+
+    try:
+        text = _read_prompt(prompt)
+        budget_s = parse_budget(budget)
+        if not text.strip():
+            raise InvalidInputError("The prompt is empty; give some text to answer.")
+        tb = TimeBill.load(model, threads=threads, weights=weights, profile=profile, predictor=predictor)
+        opts = {"max_new_tokens": max_new_tokens, "k": k, "alpha_max": alpha_max, "bound": bound, "delta": delta}
+        if dry_run:
+            plan = tb.plan(text, budget_s, chat=chat, **opts)
+            typer.echo(json.dumps(plan.__dict__) if as_json else plan.summary_line())
+            return
+        result = tb.generate(
+            text, budget_s, replan=replan, chat=chat, temperature=temperature, top_p=top_p, seed=seed, **opts
+        )
+    except TimeBillError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        typer.echo(json.dumps(result.to_dict()))
+    else:
+        typer.echo(result.text)
+        typer.echo(result.summary_line())
+
+
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="The prompt text, or '-' to read it from stdin.")],
     alpha: Annotated[float, typer.Option(help="Fraction of the prompt KV cache to evict, in [0, 1).")] = 0.0,
     press: Annotated[str, typer.Option(help="Eviction press: snapkv | streaming | knorm.")] = "snapkv",
-    max_new_tokens: Annotated[
-        int, typer.Option("--max-new-tokens", help="Stop after this many tokens.")
-    ] = 256,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Stop after this many tokens.")] = 256,
     deadline: Annotated[
         float | None, typer.Option(help="Hard deadline in seconds from request start (guard stops early).")
     ] = None,
@@ -56,17 +101,57 @@ def generate(
     top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Do not apply the model's chat template.")] = False,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print the whole result as one JSON object.")
-    ] = False,
+    weights: Annotated[
+        str,
+        typer.Option(help="Decode weights: fp32 (exact) or int8 (~2x faster decode)."),
+    ] = "fp32",
+    fast: Annotated[
+        bool, typer.Option("--fast/--no-fast", help="Fast decode path (falls back if unsupported).")
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole result as one JSON object.")] = False,
+    budget: Annotated[
+        str | None,
+        typer.Option(help="Time budget (e.g. 4.5, 4.5s, 4500ms): TimeBill plans α* to answer within it."),
+    ] = None,
+    k: Annotated[float | None, typer.Option("--k", help="Pessimistic factor for the worst-case length.")] = None,
+    alpha_max: Annotated[float | None, typer.Option("--alpha-max", help="Largest eviction ratio.")] = None,
+    bound: Annotated[str | None, typer.Option(help="Worst-case length bound: k | conformal.")] = None,
+    delta: Annotated[float | None, typer.Option(help="Miss probability for --bound conformal.")] = None,
+    replan: Annotated[bool, typer.Option("--replan/--no-replan", help="Closed-loop re-planning.")] = True,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan without generating.")] = False,
+    profile: Annotated[str | None, typer.Option(help="Estimator profile file (default: this setup's).")] = None,
+    predictor: Annotated[str | None, typer.Option(help="Length predictor file (default: shipped).")] = None,
 ) -> None:
-    """Generate an answer with a fixed eviction ratio and an optional deadline."""
+    """Generate an answer: with --budget, TimeBill plans the eviction; otherwise a fixed α and deadline."""
     from timebill.engine import Engine, validate_request
 
+    if budget is not None:
+        _generate_budgeted(
+            prompt,
+            budget,
+            model,
+            threads,
+            weights,
+            profile,
+            predictor,
+            max_new_tokens,
+            k,
+            alpha_max,
+            bound,
+            delta,
+            replan,
+            dry_run,
+            not raw,
+            temperature,
+            top_p,
+            seed,
+            as_json,
+        )
+        return
     try:
         text = _read_prompt(prompt)
         validate_request(text, alpha, max_new_tokens, deadline, press)
-        engine = Engine.load(model, threads=threads)
+        engine = Engine.load(model, threads=threads, fast=fast, weights=weights)
         result = engine.generate(
             text,
             alpha=alpha,
@@ -86,6 +171,207 @@ def generate(
     else:
         typer.echo(result.text)
         typer.echo(result.summary_line(), err=False)
+
+
+rlp_app = typer.Typer(no_args_is_help=True, help="Response-length predictor: data and labels.")
+app.add_typer(rlp_app, name="rlp")
+
+
+@rlp_app.command("label")
+def rlp_label(
+    n: Annotated[int, typer.Option(help="Prompts to label: test, calibration, then train split.")] = 5000,
+    cap: Annotated[int, typer.Option(help="Most new tokens per response (N_cap).")] = 1024,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts decoding together.")] = 16,
+    out: Annotated[
+        str | None, typer.Option(help="Label file (JSONL, resumed if present; default: the packaged one).")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Target model (default: SmolLM2-135M).")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch intra-op threads (default: all cores).")] = None,
+    max_prompt_tokens: Annotated[
+        int, typer.Option("--max-prompt-tokens", help="Drop longer prompts (chat template included).")
+    ] = 2048,
+    cpu_lock: Annotated[
+        str | None, typer.Option("--cpu-lock", help="flock this file per chunk of work (shared machines).")
+    ] = None,
+) -> None:
+    """Label ShareGPT prompts with the target model's own greedy response lengths (resumable)."""
+    from timebill.predictor.data import labelling_groups, load_sharegpt, split_conversations
+    from timebill.predictor.labelling import DEFAULT_LABELS_FILE, label_lengths
+
+    try:
+        if out is None and model is not None:
+            raise TimeBillError("Pass --out for a non-default model (the packaged file is SmolLM2's).")
+        from timebill.engine import Engine
+
+        engine = Engine.load(model, threads=threads)
+        groups = labelling_groups(split_conversations(load_sharegpt(max_prompt_tokens)), n)
+        target = out or DEFAULT_LABELS_FILE
+        records = label_lengths(engine, groups, target, cap, batch_size, cpu_lock=cpu_lock)
+    except TimeBillError as exc:
+        _fail(exc)
+        return
+    eos = sum(r.stop_reason == "eos" for r in records)
+    typer.echo(f"{target}: {len(records)} labels ({eos} eos, {len(records) - eos} max_tokens)")
+
+
+@rlp_app.command("train")
+def rlp_train(
+    kind: Annotated[
+        str, typer.Option(help="rlp | probe | both (both: the two predictors shipped in the package).")
+    ] = "both",
+    bucket_width: Annotated[int, typer.Option("--bucket-width", help="Bucket width B (tokens).")] = 16,
+    regression: Annotated[bool, typer.Option("--regression", help="Regression head instead of buckets.")] = False,
+    n_prompt_tokens: Annotated[
+        int, typer.Option("--n-prompt-tokens", help="RLP input: first+last N_p prompt tokens.")
+    ] = 512,
+    labels: Annotated[str | None, typer.Option(help="Label file (default: the packaged one).")] = None,
+    out: Annotated[str | None, typer.Option(help="Predictor file (default: the packaged one for the kind).")] = None,
+    model: Annotated[str | None, typer.Option(help="Target model (default: SmolLM2-135M).")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch intra-op threads (default: all cores).")] = None,
+    cpu_lock: Annotated[
+        str | None, typer.Option("--cpu-lock", help="flock this file per chunk of work (shared machines).")
+    ] = None,
+) -> None:
+    """Train length predictors on the labelled train split, calibrate upper(δ), save, score on test."""
+    from pathlib import Path
+
+    from timebill.predictor import DEFAULT_PROBE_FILE, DEFAULT_RLP_FILE
+    from timebill.predictor.experiment import LabelledData, train_and_save
+
+    try:
+        kinds = {"both": ["rlp", "probe"], "rlp": ["rlp"], "probe": ["probe"]}.get(kind)
+        if kinds is None:
+            raise TimeBillError(f"--kind must be rlp, probe or both, got {kind!r}")
+        if (out is not None or model is not None) and len(kinds) != 1:
+            raise TimeBillError("With --out or --model, pick one --kind (rlp or probe).")
+        if model is not None and (out is None or labels is None):
+            raise TimeBillError("A non-default model needs its own --labels and --out files.")
+        outs = {"rlp": DEFAULT_RLP_FILE, "probe": DEFAULT_PROBE_FILE}
+        if out is not None:
+            outs[kinds[0]] = Path(out)
+        from timebill.engine import Engine
+
+        engine = Engine.load(model, threads=threads, warmup=False)
+        data = LabelledData.load(labels, engine)
+        counts = data.counts()
+        typer.echo(f"labelled prompts: {counts} (labels: {data.labels_path})", err=True)
+        results = train_and_save(
+            engine,
+            data,
+            kinds,
+            outs,
+            None if regression else bucket_width,
+            n_prompt_tokens,
+            cpu_lock_path=cpu_lock,
+            threads=threads,
+            command="timebill " + " ".join(sys.argv[1:]),
+        )
+    except TimeBillError as exc:
+        _fail(exc)
+        return
+    for name, path, ev in results:
+        typer.echo(
+            f"{name}: {path} ({path.stat().st_size / 1e6:.2f} MB) test MAE {ev.mae:.1f} RMSE {ev.rmse:.1f} "
+            f"R² {ev.r2:.3f}; upper(0.05) covers {ev.bound_stats(ev.upper_bounds(0.05))['coverage']:.1%}"
+        )
+
+
+@rlp_app.command("eval")
+def rlp_eval(
+    predictor: Annotated[
+        list[str] | None,
+        typer.Option(help="Predictor file(s) to score (default: the two shipped for SmolLM2-135M)."),
+    ] = None,
+    table1: Annotated[
+        bool,
+        typer.Option("--table1/--no-table1", help="Also train the Table-1 variants and baselines now."),
+    ] = True,
+    plot: Annotated[str, typer.Option(help="PNG of predicted vs true lengths.")] = "rlp_eval.png",
+    labels: Annotated[str | None, typer.Option(help="Label file (default: the packaged one).")] = None,
+    model: Annotated[str | None, typer.Option(help="Target model (default: SmolLM2-135M).")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch intra-op threads (default: all cores).")] = None,
+    cpu_lock: Annotated[
+        str | None, typer.Option("--cpu-lock", help="flock this file per chunk of work (shared machines).")
+    ] = None,
+) -> None:
+    """Score predictors on the test split: Table-1 metrics (MAE, RMSE, R²), upper(δ) coverage, PNG."""
+    from pathlib import Path
+
+    from timebill.predictor import DEFAULT_PROBE_FILE, DEFAULT_RLP_FILE, load_predictor
+    from timebill.predictor.experiment import LabelledData, eval_report
+
+    try:
+        from timebill.engine import Engine
+
+        engine = Engine.load(model, threads=threads, warmup=False)
+        paths = [Path(p) for p in predictor] if predictor else [DEFAULT_RLP_FILE, DEFAULT_PROBE_FILE]
+        loaded = [(path.name, load_predictor(path, engine)) for path in paths]
+        data = LabelledData.load(labels, engine)
+        report, png = eval_report(engine, data, loaded, table1, plot, cpu_lock_path=cpu_lock, threads=threads)
+    except TimeBillError as exc:
+        _fail(exc)
+        return
+    typer.echo(report)
+    typer.echo(f"\nplot: {png}")
+
+
+@app.command()
+def profile(
+    quick: Annotated[bool, typer.Option("--quick", help="Short grid (~1-2 min), rougher fit.")] = False,
+    show: Annotated[bool, typer.Option("--show", help="Print this setup's saved profile; no measuring.")] = False,
+    model: Annotated[
+        str | None, typer.Option(help="HF model dir, .gguf file or hub id (default: SmolLM2-135M).")
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="torch intra-op threads (default: all cores).")] = None,
+    press: Annotated[str, typer.Option(help="Eviction press to profile: snapkv | streaming | knorm.")] = "snapkv",
+    device: Annotated[str | None, typer.Option(help="torch device, e.g. cuda:0 (default: cpu).")] = None,
+    weights: Annotated[str, typer.Option(help="Decode weights on the fast CPU path: fp32 | int8.")] = "fp32",
+    n_max: Annotated[
+        int,
+        typer.Option("--n-max", help="Longest response to leave room for (prompts up to context - n_max)."),
+    ] = 256,
+    out: Annotated[str | None, typer.Option(help="Profile JSON (default: cache dir, named by setup).")] = None,
+    plot: Annotated[str | None, typer.Option(help="PNG of measured vs fitted (default: beside the JSON).")] = None,
+) -> None:
+    """Measure prefill, eviction and decode-step times here and fit the execution-time estimator."""
+    from pathlib import Path
+
+    from timebill.engine import Engine
+    from timebill.estimator import (
+        ExecutionTimeEstimator,
+        ModelShape,
+        ProfileGrid,
+        format_flops_table,
+        format_profile_report,
+        plot_profile,
+        profile_engine,
+        save_profile,
+    )
+
+    try:
+        engine = Engine.load(model, threads=threads, warmup=not show, device=device, weights=weights)
+        if show:
+            estimator = ExecutionTimeEstimator.for_engine(engine, path=out, press=press)
+            assert estimator.profile is not None
+            typer.echo(format_profile_report(estimator.profile))
+            return
+        shape = ModelShape.from_config(engine.model.config)
+        top = engine.context_length
+        typer.echo(f"FLOPs of {engine.source.model_id} (GFLOP; prefill of N tokens, decode step at N_kv = N):")
+        sizes = [n for n in (128, 512, 1024, 2048, 4096) if n < top] + [top - 1]
+        typer.echo(format_flops_table(shape, sizes))
+        typer.echo("")
+        grid = ProfileGrid.quick(top, n_max) if quick else ProfileGrid.full(top, n_max)
+        result = profile_engine(engine, grid, press=press, progress=True, n_max=n_max)
+        path = save_profile(result, out)
+        plot_path = plot_profile(result, plot or Path(path).with_suffix(".png"))
+    except TimeBillError as exc:
+        _fail(exc)
+        return
+    typer.echo(format_profile_report(result))
+    typer.echo("")
+    typer.echo(f"profile: {path}")
+    typer.echo(f"plot:    {plot_path}")
 
 
 def main() -> None:

@@ -215,9 +215,7 @@ class Engine:
         hf_model, tokenizer = load_model_and_tokenizer(source)
         if device is not None and torch.device(device).type != "cpu":
             hf_model = hf_model.to(device)
-        engine = cls(
-            hf_model, tokenizer, source, threads, fast=fast and hf_model.device.type == "cpu", weights=weights
-        )
+        engine = cls(hf_model, tokenizer, source, threads, fast=fast and hf_model.device.type == "cpu", weights=weights)
         if warmup:
             engine.warmup()
         return engine
@@ -481,9 +479,7 @@ class Engine:
         tokens, times, steps, stop = self.decode(state, max_new_tokens, deadline_s, sampling)
         t_end = time.perf_counter()
         return GenerationResult(
-            text=self.tokenizer.decode(
-                [t for t in tokens if t not in self.stop_ids], skip_special_tokens=True
-            ),
+            text=self.tokenizer.decode([t for t in tokens if t not in self.stop_ids], skip_special_tokens=True),
             token_ids=tokens,
             prompt_tokens=len(ids),
             kept_kv_tokens=state.prompt_kv_len,

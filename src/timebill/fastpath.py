@@ -77,9 +77,7 @@ class StaticKVCache:
         """Copy per-layer ``[1, kv_heads, n, head_dim]`` tensors (an HF cache after eviction) in."""
         n = int(keys[0].shape[2])
         if n > self.capacity:
-            raise CacheCapacityError(
-                f"KV cache capacity {self.capacity} tokens is smaller than the {n} to load."
-            )
+            raise CacheCapacityError(f"KV cache capacity {self.capacity} tokens is smaller than the {n} to load.")
         for i, (k, v) in enumerate(zip(keys, values, strict=True)):
             if k.shape[2] != n:
                 raise CacheCapacityError("The fast path needs the same KV length in every layer.")
@@ -150,9 +148,7 @@ class FastDecoder:
             raise FastPathUnsupported("sliding-window attention is not implemented")
         param = next(model.parameters())
         if param.dtype != torch.float32 or param.device.type != "cpu":
-            raise FastPathUnsupported(
-                f"the fast path runs fp32 on CPU (model is {param.dtype} on {param.device})"
-            )
+            raise FastPathUnsupported(f"the fast path runs fp32 on CPU (model is {param.dtype} on {param.device})")
 
         inner = model.model
         self.weights = weights
@@ -218,8 +214,7 @@ class FastDecoder:
         n = cache.length
         if n >= cache.capacity:
             raise CacheCapacityError(
-                f"KV cache full ({cache.capacity} tokens): allocate more capacity (max_new_tokens) "
-                "for this request."
+                f"KV cache full ({cache.capacity} tokens): allocate more capacity (max_new_tokens) for this request."
             )
         return n
 

@@ -95,9 +95,7 @@ def resolve_model(model: str | os.PathLike[str] | None) -> ModelSource:
         return ModelSource(path.stem, str(path.parent), path.name, _file_fingerprint(path))
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelLoadError(
-                f"{path} is a directory without config.json: not a Hugging Face model directory."
-            )
+            raise ModelLoadError(f"{path} is a directory without config.json: not a Hugging Face model directory.")
         return ModelSource(path.name, str(path), None, _dir_fingerprint(path))
     looks_like_path = text.startswith((".", "/", "~")) or os.sep in text and text.count("/") != 1
     if looks_like_path or text.endswith(".gguf"):

@@ -243,9 +243,7 @@ def wcet_s(
     return e2e_s(coef, n_x, alpha, worst_case_length(n_hat, k, n_max), min_kept)
 
 
-def _nominal_total_s(
-    coef: TimeCoefficients, n_x: int, alpha: float, n_worst: int, t_predict_s: float
-) -> float:
+def _nominal_total_s(coef: TimeCoefficients, n_x: int, alpha: float, n_worst: int, t_predict_s: float) -> float:
     """t_predict + WCET with the nominal (continuous) kept count ``(1-alpha)*n_x`` the closed form assumes."""
     return t_predict_s + coef.prefill_s(n_x) + decode_phase_s(coef, (1.0 - alpha) * n_x, n_worst)
 

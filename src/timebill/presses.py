@@ -143,13 +143,9 @@ def evict(
         n_kept = compute_n_kept(prompt_kv_len, alpha)
         top = scores[idx].topk(n_kept, dim=-1).indices  # same selection compress() made
         kept_scores[idx] = scores[idx].gather(-1, top)
-        layer.keys = (
-            torch.cat([new_k, keys[:, :, prompt_kv_len:]], dim=2) if keys.shape[2] > prompt_kv_len else new_k
-        )
+        layer.keys = torch.cat([new_k, keys[:, :, prompt_kv_len:]], dim=2) if keys.shape[2] > prompt_kv_len else new_k
         layer.values = (
-            torch.cat([new_v, values[:, :, prompt_kv_len:]], dim=2)
-            if values.shape[2] > prompt_kv_len
-            else new_v
+            torch.cat([new_v, values[:, :, prompt_kv_len:]], dim=2) if values.shape[2] > prompt_kv_len else new_v
         )
         new_len = n_kept
     return new_len, kept_scores

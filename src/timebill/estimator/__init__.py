@@ -1,10 +1,25 @@
 """Execution-time estimator (ETE, method §3): FLOPs analysis, time-model fitting, profile storage.
 
-Model-agnostic: nothing here loads a model. Profiling (measuring timings) lives with the engine.
+Layout (Vidur-style: measurement separate from the models of it):
+
+* ``flops``     — FLOPs of prefill / a decode step from the model config (why the forms are what they are);
+* ``profiler``  — times the engine's own prefill, eviction, decode set-up and decode step (imports torch
+  only when it runs);
+* ``fit``       — non-negative least-squares fits of the time forms, online recalibrator;
+* ``estimator`` — fits a profile from measurements, predicts request times (e2e, WCET), reports;
+* ``store``     — profile files keyed by setup, saved atomically.
 """
 
 from __future__ import annotations
 
+from timebill.estimator.estimator import (
+    DriftTracker,
+    ExecutionTimeEstimator,
+    fit_profile,
+    format_profile_report,
+    plot_profile,
+    profile_key_for,
+)
 from timebill.estimator.fit import (
     PAPER_KINDS,
     Fit,
@@ -30,6 +45,7 @@ from timebill.estimator.flops import (
     format_flops_table,
     prefill_flops,
 )
+from timebill.estimator.profiler import DEFAULT_N_MAX, ProfileGrid, profile_engine
 from timebill.estimator.store import (
     SCHEMA_VERSION,
     Profile,
@@ -41,11 +57,22 @@ from timebill.estimator.store import (
     find_profile,
     host_fingerprint,
     library_versions,
+    list_profiles,
     load_profile,
     save_profile,
 )
 
 __all__ = [
+    "DEFAULT_N_MAX",
+    "DriftTracker",
+    "ExecutionTimeEstimator",
+    "ProfileGrid",
+    "fit_profile",
+    "format_profile_report",
+    "list_profiles",
+    "plot_profile",
+    "profile_engine",
+    "profile_key_for",
     "PAPER_KINDS",
     "SCHEMA_VERSION",
     "Fit",

@@ -61,9 +61,7 @@ def _check_xy(n: Any, t: Any, min_points: int, weighting: Weighting) -> tuple[np
     if weighting not in ("relative", "absolute"):
         raise InvalidInputError(f"weighting must be 'relative' or 'absolute', got {weighting!r}")
     if np.unique(n_arr).size < min_points:
-        raise InvalidInputError(
-            f"need at least {min_points} distinct token counts, got {np.unique(n_arr).size}"
-        )
+        raise InvalidInputError(f"need at least {min_points} distinct token counts, got {np.unique(n_arr).size}")
     return n_arr, t_arr
 
 
@@ -221,9 +219,7 @@ class PiecewiseLinFit(_Fit):
 
 
 Fit = QuadFit | PiecewiseQuadFit | LinFit | PiecewiseLinFit
-_FIT_CLASSES: dict[str, type[_Fit]] = {
-    cls.kind: cls for cls in (QuadFit, PiecewiseQuadFit, LinFit, PiecewiseLinFit)
-}
+_FIT_CLASSES: dict[str, type[_Fit]] = {cls.kind: cls for cls in (QuadFit, PiecewiseQuadFit, LinFit, PiecewiseLinFit)}
 PAPER_KINDS = frozenset({"quad", "linear"})
 
 
@@ -292,9 +288,7 @@ def fit_decode_piecewise(
     """
     n_arr, t_arr = _check_xy(n_kv, t, 4 if breakpoints is None else 3, weighting)
     x_base = np.column_stack([n_arr, np.ones_like(n_arr)])
-    coef, knot = _fit_hinge(
-        x_base, n_arr, t_arr, _weights(t_arr, weighting), _candidate_knots(n_arr, breakpoints)
-    )
+    coef, knot = _fit_hinge(x_base, n_arr, t_arr, _weights(t_arr, weighting), _candidate_knots(n_arr, breakpoints))
     return PiecewiseLinFit(p=float(coef[0]), q=float(coef[1]), p2=float(coef[2]), knot=float(knot))
 
 
@@ -304,12 +298,8 @@ def fit_prefill_piecewise(
     """Fit a·N² + b·N + c + b2·max(0, N − knot) with all coefficients ≥ 0; knot grid-searched."""
     n_arr, t_arr = _check_xy(n, t, 5 if breakpoints is None else 4, weighting)
     x_base = np.column_stack([n_arr**2, n_arr, np.ones_like(n_arr)])
-    coef, knot = _fit_hinge(
-        x_base, n_arr, t_arr, _weights(t_arr, weighting), _candidate_knots(n_arr, breakpoints)
-    )
-    return PiecewiseQuadFit(
-        a=float(coef[0]), b=float(coef[1]), c=float(coef[2]), b2=float(coef[3]), knot=float(knot)
-    )
+    coef, knot = _fit_hinge(x_base, n_arr, t_arr, _weights(t_arr, weighting), _candidate_knots(n_arr, breakpoints))
+    return PiecewiseQuadFit(a=float(coef[0]), b=float(coef[1]), c=float(coef[2]), b2=float(coef[3]), knot=float(knot))
 
 
 def mape(pred: Any, true: Any) -> float:
@@ -399,11 +389,7 @@ class OnlineRecalibrator:
     def _observe(self, kind: str, n: float, measured_s: float, predicted_s: float) -> None:
         # A non-positive or non-finite time is a clock or caller glitch; it carries no information
         # about speed and would poison the ratio, so it is dropped rather than raised mid-generation.
-        if (
-            not (math.isfinite(measured_s) and math.isfinite(predicted_s))
-            or measured_s <= 0
-            or predicted_s <= 0
-        ):
+        if not (math.isfinite(measured_s) and math.isfinite(predicted_s)) or measured_s <= 0 or predicted_s <= 0:
             log.debug("recalibrator: ignoring %s observation %r/%r", kind, measured_s, predicted_s)
             return
         self._obs.append(_Observation(kind, float(n), float(measured_s), float(predicted_s)))

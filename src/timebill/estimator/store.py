@@ -19,6 +19,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 VERSIONED_PACKAGES = ("torch", "transformers", "kvpress", "timebill")
 # Fields whose mismatch makes a profile unusable; the rest (versions, host) only warn.
-HARD_KEY_FIELDS = ("model_id", "model_sha", "dtype", "threads", "press", "device")
+HARD_KEY_FIELDS = ("model_id", "model_sha", "dtype", "threads", "press", "device", "decode_path")
 
 
 def _package_version(name: str) -> str:
@@ -126,12 +127,22 @@ class ProfileKey:
     threads: int
     press: str
     device: str
+    # Which decode-step implementation runs (the engine's ``decode_path``: "hf", "fast-fp32",
+    # "fast-int8"): the same model steps at very different speeds on each.
+    decode_path: str = "hf"
     versions: dict[str, str] = field(default_factory=dict)
     host: str = ""
 
     @classmethod
     def current(
-        cls, model_id: str, model_sha: str, dtype: str, threads: int, press: str, device: str
+        cls,
+        model_id: str,
+        model_sha: str,
+        dtype: str,
+        threads: int,
+        press: str,
+        device: str,
+        decode_path: str = "hf",
     ) -> ProfileKey:
         """Key for the running setup, with library versions and the host fingerprint filled in."""
         return cls(
@@ -141,6 +152,7 @@ class ProfileKey:
             threads=int(threads),
             press=press,
             device=device,
+            decode_path=decode_path,
             versions=library_versions(),
             host=host_fingerprint(),
         )
@@ -153,10 +165,11 @@ class ProfileKey:
         """Parse and type-check a key; raises ``ProfileError`` naming the bad field."""
         if not isinstance(data, dict):
             raise ProfileError("profile key must be a JSON object")
+        data = {"decode_path": "hf", **data}  # keys written before decode paths existed were HF-only
         missing = [name for name in (*HARD_KEY_FIELDS, "versions", "host") if name not in data]
         if missing:
             raise ProfileError(f"profile key lacks field(s) {missing}")
-        for name in ("model_id", "model_sha", "dtype", "press", "device", "host"):
+        for name in ("model_id", "model_sha", "dtype", "press", "device", "decode_path", "host"):
             if not isinstance(data[name], str):
                 raise ProfileError(f"profile key field {name!r} must be a string, got {data[name]!r}")
         if not isinstance(data["threads"], int) or isinstance(data["threads"], bool):
@@ -169,16 +182,38 @@ class ProfileKey:
         return cls(**{name: data[name] for name in (*HARD_KEY_FIELDS, "versions", "host")})
 
     def slug(self) -> str:
-        """File-name stem for this key's default profile: one default profile per model.
+        """File-name stem for this key's default profile: one file per setup.
 
-        Only the model id goes into the name (readable part + a hash against collisions after
-        sanitising), so a changed thread count, dtype, press or device finds the old profile and is
-        reported as stale, telling the user to re-profile, rather than silently looking like "no
-        profile yet".
+        The name carries the whole setup — model, dtype, threads, press, decode path, device — so profiles for
+        different setups coexist (profiling with ``--threads 1`` does not overwrite the 2-thread
+        profile) and a reader can tell files apart. The weights fingerprint is deliberately left out:
+        when the weights change under the same model id, the old file is found and reported as
+        *stale* (with the differences listed) instead of silently looking like "no profile yet".
+        A hash of the full setup guards against collisions after sanitising and truncation.
         """
-        readable = re.sub(r"[^A-Za-z0-9._-]+", "_", self.model_id).strip("._-")[:64] or "model"
-        digest = hashlib.sha256(self.model_id.encode("utf-8")).hexdigest()[:8]
-        return f"{readable}-{digest}"
+
+        def clean(text: str, limit: int) -> str:
+            return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._-")[:limit] or "x"
+
+        setup = "\0".join((self.model_id, self.dtype, str(self.threads), self.press, self.device, self.decode_path))
+        digest = hashlib.sha256(setup.encode("utf-8")).hexdigest()[:8]
+        parts = (
+            clean(self.model_id, 48),
+            clean(self.dtype, 16),
+            f"t{self.threads}",
+            clean(self.press, 16),
+            clean(self.decode_path, 16),
+            clean(self.device, 40),
+            digest,
+        )
+        return "-".join(parts)
+
+    def describe(self) -> str:
+        """One line naming the setup, for messages and ``timebill profile --show``."""
+        return (
+            f"model={self.model_id} ({self.model_sha}) dtype={self.dtype} threads={self.threads} "
+            f"press={self.press} decode={self.decode_path} device={self.device}"
+        )
 
 
 def _now_iso() -> str:
@@ -202,6 +237,10 @@ class Profile:
     measurements: dict[str, Any] = field(default_factory=dict)
     noise: dict[str, Any] = field(default_factory=dict)
     created: str = field(default_factory=_now_iso)
+    # How the fit went: held-out MAPEs per candidate form, paper-form fits, FLOPs check (optional).
+    report: dict[str, Any] = field(default_factory=dict)
+    # Decode set-up cost (moving the kept KV into the decode path's cache) vs kept tokens (optional).
+    setup: dict[str, Any] | None = None
 
     def prefill_fit(self) -> Fit:
         return fit_from_dict(self.prefill)
@@ -211,6 +250,9 @@ class Profile:
 
     def eviction_fit(self) -> Fit | None:
         return None if self.eviction is None else fit_from_dict(self.eviction)
+
+    def setup_fit(self) -> Fit | None:
+        return None if self.setup is None else fit_from_dict(self.setup)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -222,6 +264,8 @@ class Profile:
             "measurements": self.measurements,
             "noise": self.noise,
             "created": self.created,
+            "report": self.report,
+            "setup": self.setup,
         }
 
     @classmethod
@@ -236,16 +280,14 @@ class Profile:
                 f"{SCHEMA_VERSION}); re-run profiling to regenerate it"
             )
         missing = [
-            name
-            for name in ("key", "prefill", "decode", "measurements", "noise", "created")
-            if name not in data
+            name for name in ("key", "prefill", "decode", "measurements", "noise", "created") if name not in data
         ]
         if missing:
             raise ProfileError(f"profile lacks field(s) {missing}")
         key = ProfileKey.from_dict(data["key"])
-        for name in ("prefill", "decode", "eviction"):
+        for name in ("prefill", "decode", "eviction", "setup"):
             value = data.get(name)
-            if value is None and name == "eviction":
+            if value is None and name in ("eviction", "setup"):
                 continue
             try:
                 fit_from_dict(value)
@@ -256,6 +298,9 @@ class Profile:
                 raise ProfileError(f"profile field {name!r} must be a JSON object")
         if not isinstance(data["created"], str):
             raise ProfileError("profile field 'created' must be a string timestamp")
+        report = data.get("report", {})
+        if not isinstance(report, dict):
+            raise ProfileError("profile field 'report' must be a JSON object")
         return cls(
             key=key,
             prefill=data["prefill"],
@@ -264,6 +309,8 @@ class Profile:
             measurements=data["measurements"],
             noise=data["noise"],
             created=data["created"],
+            report=report,
+            setup=data.get("setup"),
         )
 
 
@@ -277,6 +324,24 @@ def default_profile_path(key: ProfileKey) -> Path:
     return profiles_dir() / f"{key.slug()}.json"
 
 
+def list_profiles(directory: str | os.PathLike[str] | None = None) -> list[tuple[Path, ProfileKey | None]]:
+    """Every profile file in ``directory`` (default :func:`profiles_dir`) with its key, or None if unreadable.
+
+    Used to tell a user who has no profile for the current setup which setups *do* have one (e.g. the
+    same model profiled with another thread count), so the fix is obvious.
+    """
+    root = Path(directory) if directory is not None else profiles_dir()
+    found: list[tuple[Path, ProfileKey | None]] = []
+    if not root.is_dir():
+        return found
+    for path in sorted(root.glob("*.json")):
+        try:
+            found.append((path, load_profile(path).key))
+        except ProfileError:
+            found.append((path, None))
+    return found
+
+
 def _fsync_dir(directory: Path) -> None:
     # Makes the rename itself durable; not possible on every platform/filesystem, hence best effort.
     with contextlib.suppress(OSError):
@@ -287,6 +352,17 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+def _finite_or_none(value: Any) -> Any:
+    """Copy of a JSON-like value with every non-finite float replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
 def save_profile(profile: Profile, path: str | os.PathLike[str] | None = None) -> Path:
     """Write ``profile`` as JSON atomically and return the path.
 
@@ -295,12 +371,15 @@ def save_profile(profile: Profile, path: str | os.PathLike[str] | None = None) -
     The temp file must be in the same directory because a rename is only atomic within a filesystem.
     """
     target = Path(path) if path is not None else default_profile_path(profile.key)
+    data = profile.to_dict()
+    # The report is diagnostics (e.g. a leave-one-out MAPE that is infinite on a grid too small to
+    # leave a point out): store non-finite numbers there as null. Fits and measurements stay strict.
+    if isinstance(data.get("report"), dict):
+        data["report"] = _finite_or_none(data["report"])
     try:
-        text = json.dumps(profile.to_dict(), indent=2, sort_keys=True, allow_nan=False)
+        text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as exc:
-        raise ProfileError(
-            f"profile is not JSON-serialisable (non-finite number or odd type): {exc}"
-        ) from exc
+        raise ProfileError(f"profile is not JSON-serialisable (non-finite number or odd type): {exc}") from exc
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")

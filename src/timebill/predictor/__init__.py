@@ -1,0 +1,64 @@
+"""Response-length predictors (the paper's RLP and baselines), their training data and labels.
+
+| predictor | module | reads | paper |
+|---|---|---|---|
+| RLP (buckets / regression) | ``rlp`` | frozen decoder LM, head+tail truncated prompt | TimeBill |
+| probe | ``probe`` | the target's own last prompt-token state from its prefill | ours |
+| ProxyModel-, S³-style | ``baselines`` | MiniLM-L6 sentence embedding | Qiu 2024; Jin 2023 |
+
+All return a :class:`~timebill.predictor.base.LengthPrediction` (``point``, ``probs``, ``upper(δ)``).
+Heavy modules (torch, transformers) are imported only when a predictor is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DEFAULT_RLP_FILE = DATA_DIR / "predictor-smollm2-135m.pt"
+DEFAULT_PROBE_FILE = DATA_DIR / "probe-smollm2-135m.pt"
+DEFAULT_PREDICTOR_FILE = DEFAULT_RLP_FILE  # what TimeBill loads when no predictor is named
+
+
+def load_predictor(path: str | os.PathLike[str], engine: object, target_engine: object | None = None) -> object:
+    """Load any saved predictor file (RLP, probe or baseline) for ``engine`` (its backbone/target).
+
+    Raises :class:`~timebill.errors.PredictorError` when the file is missing, corrupt, or was trained
+    for another model.
+    """
+    from timebill.predictor.base import load_payload
+
+    kind = load_payload(path).get("kind")
+    if kind == "rlp":
+        from timebill.predictor.rlp import RLPredictor
+
+        return RLPredictor.load(path, engine, target_engine)
+    if kind == "probe":
+        from timebill.predictor.probe import ProbePredictor
+
+        return ProbePredictor.load(path, engine, target_engine)
+    from timebill.predictor.baselines import EncoderBaselinePredictor
+
+    return EncoderBaselinePredictor.load(path)
+
+
+def load_default_predictor(engine: object, path: str | os.PathLike[str] | None = None) -> object:
+    """The predictor TimeBill uses: ``path`` if given, else the one shipped for the default model.
+
+    ``path`` may also be ``"rlp"`` or ``"probe"`` to pick one of the shipped files.
+    """
+    from timebill.errors import PredictorError
+    from timebill.loading import DEFAULT_MODEL_ID
+
+    shipped = {"rlp": DEFAULT_RLP_FILE, "probe": DEFAULT_PROBE_FILE}
+    if path is not None and str(path) not in shipped:
+        return load_predictor(path, engine)
+    model_id = getattr(getattr(engine, "source", None), "model_id", None)
+    if model_id != DEFAULT_MODEL_ID:
+        raise PredictorError(
+            f"No length predictor ships for {model_id!r} (only for {DEFAULT_MODEL_ID}). Label and train one: "
+            "`timebill rlp label --model M --out L.jsonl` then "
+            "`timebill rlp train --model M --labels L.jsonl --out P.pt`, and pass that file."
+        )
+    return load_predictor(shipped.get(str(path), DEFAULT_PREDICTOR_FILE), engine)

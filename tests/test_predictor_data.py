@@ -1,0 +1,185 @@
+"""Predictor data: recovering the truncated ShareGPT file, splits, and crash-safe resumable labelling."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from timebill.errors import PredictorError
+from timebill.predictor.data import (
+    Conversation,
+    load_sharegpt,
+    parse_truncated_array,
+    recovery_stats,
+    split_conversations,
+)
+from timebill.predictor.labelling import (
+    LengthLabel,
+    compare_with_engine,
+    generate_lengths,
+    label_lengths,
+    read_label_file,
+)
+
+
+def _chat(human: str, reply: str, first_role: str = "human") -> dict:
+    return {
+        "id": "x",
+        "conversations": [{"from": first_role, "value": human}, {"from": "gpt", "value": reply}],
+    }
+
+
+def _word_count(prompts):
+    return [len(p.split()) for p in prompts]
+
+
+# ------------------------------------------------------------------------------------------ parsing
+def test_parser_keeps_every_complete_element_and_stops_at_the_cut():
+    elements = [_chat(f"question {i}?", f"answer {i}") for i in range(5)]
+    items = [json.dumps(e, indent=2) for e in elements]
+    text = "[\n" + ",\n".join(items) + "\n]\n"
+    assert parse_truncated_array(text) == (elements, False)
+    cut = text.index("answer 4") + 3  # inside the last element's last string
+    assert parse_truncated_array(text[:cut]) == (elements[:4], True)
+    # Cut right after a complete element, before the comma that would follow it.
+    after_third = len("[\n" + ",\n".join(items[:3]))
+    assert parse_truncated_array(text[:after_third]) == (elements[:3], True)
+    assert parse_truncated_array(text[: after_third + 2]) == (elements[:3], True)
+
+
+def test_parser_rejects_a_file_that_is_not_an_array():
+    with pytest.raises(PredictorError, match="JSON array"):
+        parse_truncated_array('{"id": 1}')
+
+
+def test_load_filters_and_counts_from_a_truncated_file(tmp_path):
+    elements = [
+        _chat("What is RoPE?", "Rotary embeddings."),  # 0 kept
+        _chat("  what is   rope? ", "dup"),  # 1 duplicate after normalising
+        _chat("   ", "empty prompt"),  # 2 empty
+        _chat("Hello", "Hi", first_role="gpt"),  # 3 opens with the assistant: not a pair
+        _chat("word " * 3000, "long"),  # 4 too long
+        _chat("Name a prime.", "Seven."),  # 5 kept
+        _chat("torn", "this one is cut"),  # 6 torn by the truncation
+    ]
+    text = json.dumps(elements)
+    path = tmp_path / "sharegpt.json"
+    path.write_text(text[: text.index("this one is cut")], encoding="utf-8")
+
+    conversations = load_sharegpt(max_prompt_tokens=100, path=path, count_tokens=_word_count)
+    assert conversations == [
+        Conversation(0, "What is RoPE?", "Rotary embeddings."),
+        Conversation(5, "Name a prime.", "Seven."),
+    ]
+    stats = recovery_stats(max_prompt_tokens=100, path=path, count_tokens=_word_count)
+    assert (stats.conversations_recovered, stats.truncated, stats.usable_pairs) == (6, True, 2)
+    assert (stats.duplicate, stats.empty, stats.not_a_pair, stats.too_long) == (1, 1, 1, 1)
+
+
+def test_split_is_deterministic_disjoint_and_independent_of_input_order():
+    conversations = [Conversation(i, f"p{i}", f"r{i}") for i in range(50)]
+    sizes = {"test": 5, "calibration": 5, "train": 20}
+    a = split_conversations(conversations, sizes, seed=1)
+    b = split_conversations(list(reversed(conversations)), sizes, seed=1)
+    assert a == b
+    assert [len(a[k]) for k in ("test", "calibration", "train", "pool")] == [5, 5, 20, 20]
+    ids = [c.index for split in a.values() for c in split]
+    assert sorted(ids) == list(range(50))
+    assert split_conversations(conversations, sizes, seed=2)["test"] != a["test"]
+    with pytest.raises(PredictorError, match="only 50"):
+        split_conversations(conversations, {"train": 51})
+
+
+# -------------------------------------------------------------------------------------- labelling
+PROMPTS = [
+    "Hi!",
+    "What is 2+2?",
+    "Name a colour.",
+    "Say yes.",
+    "Count to three.",
+    "What is the capital of France?",
+]
+CONVERSATIONS = [Conversation(100 + i, p, "") for i, p in enumerate(PROMPTS)]
+CAP = 8
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def _crash_after_first_batch(new):
+    raise _Crash
+
+
+def _indices(path):
+    header, records = read_label_file(path)
+    return header, sorted(r.index for r in records), records
+
+
+@pytest.mark.slow
+def test_resume_after_a_crash_loses_and_duplicates_nothing(engine, tmp_path):
+    out = tmp_path / "labels.jsonl"
+    with pytest.raises(_Crash):
+        label_lengths(
+            engine, [CONVERSATIONS], out, CAP, batch_size=2, on_batch=_crash_after_first_batch, progress=False
+        )
+    _, first, first_records = _indices(out)
+    assert 1 <= len(first) < len(CONVERSATIONS)
+
+    seen = []
+    records = label_lengths(engine, [CONVERSATIONS], out, CAP, batch_size=2, on_batch=seen.extend, progress=False)
+    assert len(seen) == len(CONVERSATIONS) - len(first)  # only the missing ones ran
+    assert not {r.index for r in seen} & set(first)
+    header, indices, on_disk = _indices(out)
+    assert indices == [c.index for c in CONVERSATIONS]
+    assert sorted(records, key=lambda r: r.index) == sorted(on_disk, key=lambda r: r.index)
+    assert on_disk[: len(first)] == first_records  # appended, never rewritten
+    assert header["cap_tokens"] == CAP and header["decoding"]["greedy"] is True
+    assert all(1 <= r.length <= CAP and r.stop_reason in ("eos", "max_tokens") for r in on_disk)
+    assert all(r.length == CAP for r in on_disk if r.stop_reason == "max_tokens")
+
+    # A torn last line (killed mid-write) is cut away and that prompt is labelled again, once.
+    raw = out.read_bytes()
+    out.write_bytes(raw[: len(raw) - 10])
+    torn_index = on_disk[-1].index
+    label_lengths(engine, [CONVERSATIONS], out, CAP, batch_size=2, progress=False)
+    _, indices, repaired = _indices(out)
+    assert indices == [c.index for c in CONVERSATIONS]
+    assert repaired[-1].index == torn_index and repaired[:-1] == on_disk[:-1]
+    assert out.read_bytes().endswith(b"\n")
+
+    # Nothing left to do: the file is unchanged.
+    before = out.read_bytes()
+    label_lengths(engine, [CONVERSATIONS], out, CAP, batch_size=2, progress=False)
+    assert out.read_bytes() == before
+
+
+@pytest.mark.slow
+def test_header_mismatch_is_a_clear_error(engine, tmp_path):
+    out = tmp_path / "labels.jsonl"
+    label_lengths(engine, [CONVERSATIONS[:1]], out, CAP, batch_size=1, progress=False)
+    with pytest.raises(PredictorError, match="cap_tokens: file has 8, this run has 9"):
+        label_lengths(engine, [CONVERSATIONS], out, CAP + 1, batch_size=1, progress=False)
+
+
+@pytest.mark.slow
+def test_batched_lengths_match_the_engine_single_stream(engine):
+    prompts = [*PROMPTS, "Reply with one word: ok."]
+    rate, pairs = compare_with_engine(engine, prompts, cap_tokens=24, max_rows=3)
+    assert rate == 1.0, pairs
+    assert any(n < 24 for n, _ in pairs)  # some responses end by EOS, not only by the cap
+    assert engine.model.config._attn_implementation == "sdpa"  # restored after labelling
+    static = generate_lengths(engine, [engine.encode(p) for p in prompts[:3]], 24)
+    assert [n for n, _ in static] == [n for _, n in pairs[:3]]
+
+
+def test_a_corrupt_line_before_the_last_is_an_error_not_a_silent_drop(tmp_path):
+    out = tmp_path / "labels.jsonl"
+    good = LengthLabel(1, 5, "eos", 20).to_json()
+    out.write_text(json.dumps({"format_version": 1}) + "\n" + "{not json\n" + good + "\n")
+    with pytest.raises(PredictorError, match="line 2 is corrupt"):
+        read_label_file(out)
+    out.write_text(json.dumps({"format_version": 1}) + "\n" + good + "\n" + good + "\n")
+    with pytest.raises(PredictorError, match="labelled twice"):
+        read_label_file(out)
