@@ -478,24 +478,39 @@ class Engine:
         t_decode = time.perf_counter()
         tokens, times, steps, stop = self.decode(state, max_new_tokens, deadline_s, sampling)
         t_end = time.perf_counter()
+        return self.make_result(state, tokens, times, steps, stop, kv_per_layer, t_decode, t_end, deadline_s)
+
+    def make_result(
+        self,
+        state: PrefillState,
+        tokens: list[int],
+        times: list[float],
+        steps: list[float],
+        stop: str,
+        kv_per_layer: list[int],
+        t_decode: float,
+        t_end: float,
+        deadline_s: float | None,
+    ) -> GenerationResult:
+        """The result of a finished request (also built by the TimeBill facade around its own decode)."""
         return GenerationResult(
             text=self.tokenizer.decode([t for t in tokens if t not in self.stop_ids], skip_special_tokens=True),
             token_ids=tokens,
-            prompt_tokens=len(ids),
+            prompt_tokens=state.prompt_tokens,
             kept_kv_tokens=state.prompt_kv_len,
             kv_tokens_per_layer=kv_per_layer,
-            alpha=alpha,
-            press=press,
+            alpha=state.alpha,
+            press=state.press_name,
             prefill_s=state.prefill_s,
             evict_s=state.evict_s,
             decode_s=t_end - t_decode,
-            total_s=t_end - t_start,
+            total_s=t_end - state.t_start,
             token_times_s=times,
             step_times_s=steps,
             stop_reason=stop,
             deadline_s=deadline_s,
             threads=self.threads,
-            model_id=self.source.model_id,
+            model_id=self.source.model_id if self.source is not None else "?",
             decode_path=self.decode_path,
         )
 

@@ -351,28 +351,7 @@ class TimeBill:
         t_decode = time.perf_counter()
         tokens, times, steps, stop = self.engine.decode(state, max_new_tokens, budget_s, sampling, on_step=hook)
         t_end = time.perf_counter()
-        gen = GenerationResult(
-            text=self.engine.tokenizer.decode(
-                [t for t in tokens if t not in self.engine.stop_ids], skip_special_tokens=True
-            ),
-            token_ids=tokens,
-            prompt_tokens=n_x,
-            kept_kv_tokens=state.prompt_kv_len,
-            kv_tokens_per_layer=kv_per_layer,
-            alpha=state.alpha,
-            press=state.press_name,
-            prefill_s=state.prefill_s,
-            evict_s=state.evict_s,
-            decode_s=t_end - t_decode,
-            total_s=t_end - t_start,
-            token_times_s=times,
-            step_times_s=steps,
-            stop_reason=stop,
-            deadline_s=budget_s,
-            threads=self.engine.threads,
-            model_id=self.engine.source.model_id if self.engine.source else "?",
-            decode_path=self.engine.decode_path,
-        )
+        gen = self.engine.make_result(state, tokens, times, steps, stop, kv_per_layer, t_decode, t_end, budget_s)
         self.estimator.observe(gen)
         e2e = times[-1] if times else t_end - t_start
         return TimeBillResult(
