@@ -270,9 +270,13 @@ def rlp_train(
         _fail(exc)
         return
     for name, path, ev in results:
+        size = f"{name}: {path} ({path.stat().st_size / 1e6:.2f} MB)"
+        if ev is None:
+            typer.echo(f"{size}; no labelled test prompts yet, so no test score")
+            continue
         typer.echo(
-            f"{name}: {path} ({path.stat().st_size / 1e6:.2f} MB) test MAE {ev.mae:.1f} RMSE {ev.rmse:.1f} "
-            f"R² {ev.r2:.3f}; upper(0.05) covers {ev.bound_stats(ev.upper_bounds(0.05))['coverage']:.1%}"
+            f"{size} test MAE {ev.mae:.1f} RMSE {ev.rmse:.1f} R² {ev.r2:.3f}; "
+            f"upper(0.05) covers {ev.bound_stats(ev.upper_bounds(0.05))['coverage']:.1%}"
         )
 
 

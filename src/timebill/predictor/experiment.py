@@ -112,7 +112,7 @@ class LabelledData:
 
     def require(self) -> None:
         counts = self.counts()
-        if counts["train"] < 50 or counts["calibration"] < 20 or counts["test"] < 20:
+        if counts["train"] < 10:
             raise PredictorError(
                 f"Too few labelled prompts to train and calibrate ({counts}); let `timebill rlp label` run longer."
             )
@@ -174,12 +174,17 @@ def load_features(
 
 # --------------------------------------------------------------------------------------- training
 def _calibrate(
-    predictions: Sequence[LengthPrediction], true: np.ndarray, true_classes: np.ndarray | None, method: str
+    predictions: Sequence[LengthPrediction],
+    true: np.ndarray,
+    true_classes: np.ndarray | None,
+    method: str,
+    n_max: int,
 ) -> ConformalBound:
+    if not predictions:  # no calibration labels yet: no finite quantile, so upper(δ) = N_max (still valid)
+        return ConformalBound("ratio", (), n_max)
     points = np.array([p.point for p in predictions], dtype=np.float64)
     probs = None if predictions[0].probs is None else np.stack([p.probs for p in predictions])
     lengths = predictions[0].class_lengths
-    n_max = predictions[0].n_max
     if method == "auto":
         method = choose_method(true, points, n_max, probs, true_classes, lengths)
     return ConformalBound.fit(method, true, n_max, points, probs, true_classes)
@@ -236,7 +241,7 @@ def fit_target_predictor(
     )
     calib = predictor.predict_vectors(feats.target_x("calibration", features))
     true_classes = None if buckets is None else buckets.labels(data.lengths["calibration"])
-    predictor.calibration = _calibrate(calib, data.lengths["calibration"], true_classes, conformal)
+    predictor.calibration = _calibrate(calib, data.lengths["calibration"], true_classes, conformal, predictor.n_max)
     return predictor
 
 
@@ -257,7 +262,7 @@ def fit_baseline(
     predictor = EncoderBaselinePredictor(name, trained, classes, data.cap_tokens)
     calib = predictor.predict_vectors(feats.encoder["calibration"])
     true_classes = classes.classes(data.lengths["calibration"])
-    predictor.calibration = _calibrate(calib, data.lengths["calibration"], true_classes, conformal)
+    predictor.calibration = _calibrate(calib, data.lengths["calibration"], true_classes, conformal, data.cap_tokens)
     return predictor
 
 
@@ -468,7 +473,7 @@ def train_and_save(
     cpu_lock_path: str | os.PathLike[str] | None = None,
     threads: int | None = None,
     command: str = "",
-) -> list[tuple[str, Path, Evaluation]]:
+) -> list[tuple[str, Path, Evaluation | None]]:
     """``timebill rlp train``: extract missing features, train each kind, save it, evaluate on test."""
     from timebill.predictor.probe import ProbePredictor
     from timebill.predictor.rlp import RLPredictor
@@ -484,7 +489,8 @@ def train_and_save(
                 threads=threads, provenance={"command": command},
             )  # fmt: skip
         path = predictor.save(outs[kind])
-        results.append((kind, path, evaluate_target(predictor, data, feats, kind)))
+        test = evaluate_target(predictor, data, feats, kind) if data.counts()["test"] else None
+        results.append((kind, path, test))
     return results
 
 

@@ -75,7 +75,8 @@ class FeatureConfig:
     def vectors(self, rows: np.ndarray, prompt_tokens: np.ndarray) -> np.ndarray:
         """Head inputs from target rows ``(n, len(TARGET_BLOCKS), hidden)`` and full prompt lengths."""
         rows = np.asarray(rows, dtype=np.float32)
-        picked = rows[:, [TARGET_BLOCKS.index(b) for b in self.blocks]].reshape(len(rows), -1)
+        picked = rows[:, [TARGET_BLOCKS.index(b) for b in self.blocks]]
+        picked = picked.reshape(len(rows), len(self.blocks) * rows.shape[-1])
         if self.log_prompt_tokens:
             extra = np.log1p(np.asarray(prompt_tokens, dtype=np.float32))[:, None]
             picked = np.concatenate([picked, extra], axis=1)
