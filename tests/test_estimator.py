@@ -272,6 +272,23 @@ def test_drift_tracker_ignores_noise_and_follows_a_real_shift() -> None:
     for i in range(64):  # and leaves: the short window takes the scale back at once
         tracker.observe(464 + i, 0.0309, 0.03)
     assert tracker.scale() == pytest.approx(1.03, abs=0.01)
+    assert tracker.restarts == 1  # the slowdown restarted the long window; on recovery it agreed again
+
+
+def test_drift_tracker_restarts_its_long_window_after_a_sustained_shift() -> None:
+    from timebill.estimator import DriftTracker
+
+    tracker = DriftTracker("step", long_window=128, short_window=8)
+    for i in range(100):
+        tracker.observe(i, 0.0309, 0.03)
+    for i in range(60):  # a long 15x slowdown: the long window fills with it
+        tracker.observe(i, 0.45, 0.03)
+    assert tracker.scale() == pytest.approx(4.0)  # clipped at the default bound
+    assert tracker.restarts == 1
+    for i in range(8):  # the slowdown ends: within one short window the scale is back
+        tracker.observe(i, 0.0309, 0.03)
+    assert tracker.scale() == pytest.approx(1.03)
+    assert tracker.restarts == 2
     tracker.reset()
     assert tracker.scale() == 1.0
     with pytest.raises(InvalidInputError):

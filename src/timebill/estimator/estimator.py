@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -374,7 +374,10 @@ class DriftTracker:
     kept, each an :class:`~timebill.estimator.fit.OnlineRecalibrator` (median of measured/predicted
     ratios, clipped): the long window's factor is used, unless the short window disagrees with it by
     more than ``switch`` (relative) — a real shift, larger than the request-to-request noise — in which
-    case the short one is, until the long window has caught up.
+    case the short one is. Once the short window is full and still disagrees, the shift is sustained:
+    the long window's history describes a machine that is gone (after a 15× slowdown ends, half a
+    window of 15× ratios would hold its median high for dozens of requests), so it is restarted from
+    the short window's observations.
     """
 
     def __init__(
@@ -393,13 +396,31 @@ class DriftTracker:
         self.switch = switch
         self._long = OnlineRecalibrator(window=long_window, min_obs=min(3, long_window), clip=clip)
         self._short = OnlineRecalibrator(window=short_window, min_obs=min(2, short_window), clip=clip)
+        self._recent: deque[tuple[int, float, float]] = deque(maxlen=short_window)
+        self.restarts = 0  # how many sustained shifts were detected (for reports and tests)
+
+    def _feed(self, rec: OnlineRecalibrator, n: int, measured_s: float, predicted_s: float) -> None:
+        if self.kind == "prefill":
+            rec.observe_prefill(n, measured_s, predicted_s)
+        else:
+            rec.observe_step(n, measured_s, predicted_s)
 
     def observe(self, n: int, measured_s: float, predicted_s: float) -> None:
-        for rec in (self._long, self._short):
-            if self.kind == "prefill":
-                rec.observe_prefill(n, measured_s, predicted_s)
-            else:
-                rec.observe_step(n, measured_s, predicted_s)
+        if not (math.isfinite(measured_s) and math.isfinite(predicted_s) and measured_s > 0 and predicted_s > 0):
+            return  # the recalibrators drop such glitches too; keep the windows in step
+        self._recent.append((n, measured_s, predicted_s))
+        self._feed(self._long, n, measured_s, predicted_s)
+        self._feed(self._short, n, measured_s, predicted_s)
+        full = len(self._recent) == self._recent.maxlen
+        if full and self._long.count(self.kind) > len(self._recent) and self._disagree():
+            self._long.reset()
+            for obs in self._recent:
+                self._feed(self._long, *obs)
+            self.restarts += 1
+
+    def _disagree(self) -> bool:
+        long_scale, short_scale = self._long.scale(self.kind), self._short.scale(self.kind)
+        return abs(short_scale / long_scale - 1.0) > self.switch
 
     def scale(self) -> float:
         """Multiply static predictions by this (1.0 until there are observations)."""
@@ -409,6 +430,7 @@ class DriftTracker:
     def reset(self) -> None:
         self._long.reset()
         self._short.reset()
+        self._recent.clear()
 
 
 class ExecutionTimeEstimator:
@@ -432,7 +454,7 @@ class ExecutionTimeEstimator:
         prefill_range: tuple[float, float] | None = None,
         decode_range: tuple[float, float] | None = None,
         step_windows: tuple[int, int] = (128, 8),
-        prefill_windows: tuple[int, int] = (16, 3),
+        prefill_windows: tuple[int, int] = (16, 4),
         drift_switch: float = 0.15,
         recalibration_clip: tuple[float, float] = (0.25, 4.0),
     ) -> None:

@@ -207,7 +207,8 @@ class ProfileGrid:
         """The whole usable range: prompts up to ``context - n_max``, caches up to the context.
 
         21 prompt lengths (11 repeats up to 512 tokens, 7 up to 2048, 5 beyond) and 22 cache lengths
-        (12 repeats of 8 steps): ~12 minutes on SmolLM2-135M / 2 CPU cores, most of it long prefills.
+        (12 repeats of 8 steps): ~12 minutes on SmolLM2-135M / 2 CPU cores on a quiet machine, most of
+        it long prefills; up to 10 minutes more when other processes' bursts have to be waited out.
         """
         top_prefill = max(1024, min(context_length - n_max, context_length - 1))
         warmup_steps, steps_per_sample = 1, 8
