@@ -183,3 +183,47 @@ def test_a_corrupt_line_before_the_last_is_an_error_not_a_silent_drop(tmp_path):
     out.write_text(json.dumps({"format_version": 1}) + "\n" + good + "\n" + good + "\n")
     with pytest.raises(PredictorError, match="labelled twice"):
         read_label_file(out)
+
+
+@pytest.mark.slow
+def test_refilled_slots_widening_and_compaction_keep_every_row_exact(engine, monkeypatch):
+    """More prompts than rows, a long joiner arriving after short ones (the cache must widen), rows
+    refilled into dead slots, and the tail compacted: each length still equals single-stream decoding."""
+    from timebill.predictor.labelling import ContinuousBatch, iter_continuous
+
+    long_prompt = "Summarise: " + " ".join(f"Step {i}: the robot moves part {i} to bin {i % 7}." for i in range(40))
+    prompts = [*PROMPTS[:4], long_prompt, "Reply with one word: ok.", "List two fruits."]
+    items = [(i, engine.encode(p)) for i, p in enumerate(prompts)]
+    assert len(items[4][1]) > 3 * max(len(ids) for _, ids in items[:4])  # forces the widening path
+    copies: list[dict] = []
+    reassign = ContinuousBatch._reassign
+
+    def counting_reassign(self, columns=None, keep=None, start=0):
+        copies.append({"widen": columns is not None, "compact": keep is not None, "trim": start > 0})
+        return reassign(self, columns=columns, keep=keep, start=start)
+
+    monkeypatch.setattr(ContinuousBatch, "_reassign", counting_reassign)
+    batched: dict[int, tuple[int, str]] = {}
+    for finished in iter_continuous(engine, items, cap_tokens=20, max_rows=4, steps_per_hold=4):
+        batched.update({i: (n, stop) for i, n, stop in finished})
+    single = [engine.generate(p, max_new_tokens=20) for p in prompts]
+    assert [batched[i][0] for i in range(len(prompts))] == [r.tokens_generated for r in single]
+    assert [batched[i][1] for i in range(len(prompts))] == [r.stop_reason for r in single]
+    assert any(c["widen"] for c in copies) and any(c["compact"] for c in copies), copies
+    assert len(copies) < len(prompts)  # refills reuse dead slots in place: not one full copy per response
+
+
+def test_labelling_order_grows_every_split_together():
+    from timebill.predictor.data import labelling_groups
+
+    splits = {
+        "test": [Conversation(i, f"t{i}", "") for i in range(10)],
+        "calibration": [Conversation(100 + i, f"c{i}", "") for i in range(10)],
+        "train": [Conversation(200 + i, f"r{i}", "") for i in range(80)],
+        "pool": [Conversation(900 + i, f"p{i}", "") for i in range(5)],
+    }
+    first = [c.index for g in labelling_groups(splits, 20) for c in g]
+    assert first == [0, 100, *range(200, 208), 1, 101, *range(208, 216)]  # a stopped run has some of each
+    everything = [c.index for g in labelling_groups(splits, 10_000) for c in g]
+    assert sorted(everything) == sorted(c.index for s in splits.values() for c in s)  # all, once
+    assert everything[-5:] == list(range(900, 905))  # the pool comes last

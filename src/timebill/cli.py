@@ -179,7 +179,9 @@ app.add_typer(rlp_app, name="rlp")
 
 @rlp_app.command("label")
 def rlp_label(
-    n: Annotated[int, typer.Option(help="Prompts to label: test, calibration, then train split.")] = 5000,
+    n: Annotated[
+        int, typer.Option(help="Prompts to label, in rounds of a tenth of each of test, calibration and train.")
+    ] = 5000,
     cap: Annotated[int, typer.Option(help="Most new tokens per response (N_cap).")] = 1024,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts decoding together.")] = 16,
     out: Annotated[

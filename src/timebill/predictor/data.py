@@ -299,13 +299,26 @@ def split_conversations(
     return splits
 
 
-def labelling_groups(splits: dict[str, list[Conversation]], n: int) -> list[list[Conversation]]:
-    """The first ``n`` conversations in labelling order, one group per split: test, calibration, train, pool.
+def labelling_groups(splits: dict[str, list[Conversation]], n: int, rounds: int = 10) -> list[list[Conversation]]:
+    """The first ``n`` conversations in labelling order, as groups labelled one after another.
 
-    Test first, so that a labelling run stopped early still holds whole evaluation splits.
+    Labelling 5,000 prompts takes hours of CPU, so a run stopped early must leave data that can
+    already be used: the labelled splits grow together, in ``rounds`` rounds of one tenth (by
+    default) of each of test, calibration and train, then the pool. (Labelling test first, then
+    calibration, left nothing to train on for most of the run.)
     """
+    names = [name for name in SPLIT_ORDER if name != "pool"]
+    ordered: list[list[Conversation]] = []
+    for r in range(max(1, rounds)):
+        for name in names:
+            items = list(splits.get(name, []))
+            size = -(-len(items) // max(1, rounds))
+            ordered.append(items[r * size : (r + 1) * size])
+    ordered.append(list(splits.get("pool", [])))
     groups, left = [], n
-    for name in SPLIT_ORDER:
-        groups.append(list(splits.get(name, []))[: max(0, left)])
+    for group in ordered:
+        if not group:
+            continue
+        groups.append(group[: max(0, left)])
         left -= len(groups[-1])
-    return groups
+    return [g for g in groups if g]
