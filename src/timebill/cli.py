@@ -173,6 +173,40 @@ def generate(
         typer.echo(result.summary_line(), err=False)
 
 
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    model: Annotated[
+        str | None, typer.Option(help="HF model dir, .gguf file or hub id (default: SmolLM2-135M).")
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="torch intra-op threads (default: all cores).")] = None,
+    weights: Annotated[str, typer.Option(help="Decode weights: fp32 (exact) or int8 (~2x faster decode).")] = "fp32",
+    profile: Annotated[str | None, typer.Option(help="Estimator profile file (default: this setup's).")] = None,
+    predictor: Annotated[str | None, typer.Option(help="Length predictor file (default: shipped).")] = None,
+    default_budget: Annotated[
+        float, typer.Option("--default-budget", help="Budget (s) of a request that names no time_budget.")
+    ] = 10.0,
+    log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve an OpenAI-compatible HTTP API with per-request time budgets (POST /v1/chat/completions, ...)."""
+    from timebill.facade import parse_budget
+
+    try:
+        if not 0 < port < 65536:
+            raise InvalidInputError(f"--port must be in 1..65535, got {port}")
+        parse_budget(default_budget)
+        from timebill.server import create_app, load_timebill
+
+        tb = load_timebill(model=model, threads=threads, weights=weights, profile=profile, predictor=predictor)
+    except TimeBillError as exc:
+        _fail(exc)
+        return
+    import uvicorn
+
+    uvicorn.run(create_app(tb, default_budget_s=default_budget), host=host, port=port, log_level=log_level)
+
+
 rlp_app = typer.Typer(no_args_is_help=True, help="Response-length predictor: data and labels.")
 app.add_typer(rlp_app, name="rlp")
 
@@ -378,6 +412,151 @@ def profile(
     typer.echo("")
     typer.echo(f"profile: {path}")
     typer.echo(f"plot:    {plot_path}")
+
+
+def _split_list(values: list[str] | None) -> list[str]:
+    """Repeated options and comma-separated values alike: ``--methods a,b --methods c`` → [a, b, c]."""
+    return [part.strip() for value in values or [] for part in value.split(",") if part.strip()]
+
+
+@app.command("bench")
+def bench(
+    out: Annotated[str, typer.Option(help="Output directory: run files, results.md, plots (resumed if present).")],
+    suite: Annotated[
+        str | None, typer.Option(help="Task file (default: benchmarks/suites/longbench-style-v1.jsonl).")
+    ] = None,
+    fraction: Annotated[float, typer.Option(help="Run this share of the tasks (kinds and lengths kept).")] = 1.0,
+    methods: Annotated[
+        list[str] | None, typer.Option(help="Methods to run, comma-separated or repeated (default: all).")
+    ] = None,
+    budgets: Annotated[
+        list[str] | None, typer.Option(help="Time budgets, e.g. 4,6,8 or 4500ms (default: from vanilla's times).")
+    ] = None,
+    n_budgets: Annotated[int, typer.Option("--n-budgets", help="How many budgets to choose.")] = 6,
+    k_sweep: Annotated[
+        bool, typer.Option("--k-sweep/--no-k-sweep", help="TimeBill at k = 1..8 at the tightest budget.")
+    ] = True,
+    predictor: Annotated[
+        str | None,
+        typer.Option(help="Length predictor: file, rlp | probe, or constant:N (a stand-in; default: shipped)."),
+    ] = None,
+    profile: Annotated[str | None, typer.Option(help="Estimator profile file (default: this setup's).")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="HF model dir, .gguf file or hub id (default: SmolLM2-135M).")
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="torch intra-op threads (default: all cores).")] = None,
+    cpu_lock: Annotated[
+        str | None, typer.Option("--cpu-lock", help="flock this file around each run (shared machines).")
+    ] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar with ETA.")] = True,
+    report_only: Annotated[
+        bool, typer.Option("--report-only", help="Rebuild results.md and plots from the runs in --out.")
+    ] = False,
+) -> None:
+    """The time-budget benchmark (paper §6): score and completion per budget, method and overrun policy."""
+    import platform as _platform
+
+    import torch
+
+    from timebill.bench.methods import (
+        K_SWEEP,
+        Resources,
+        Scorer,
+        load_length_predictor,
+        method_registry,
+        predictor_label,
+    )
+    from timebill.bench.report import summary_lines, write_report
+    from timebill.bench.runner import BenchOptions, run_benchmark
+    from timebill.bench.suite import default_suite_path, read_suite, select_fraction
+    from timebill.engine import Engine
+    from timebill.facade import TimeBill, parse_budget
+
+    try:
+        options = BenchOptions(
+            methods=_split_list(methods) or list(method_registry()),
+            budgets=sorted({parse_budget(b) for b in _split_list(budgets)}) or None,
+            n_budgets=n_budgets,
+            k_sweep=K_SWEEP if k_sweep else (),
+            cpu_lock=cpu_lock,
+            progress=progress,
+            command="timebill " + " ".join(sys.argv[1:]),
+            fraction=fraction,
+            run_missing=not report_only,
+        )
+        options.validate()
+        task_file = read_suite(suite or default_suite_path())
+        tasks = select_fraction(task_file.tasks, fraction)
+        label = predictor_label(predictor)
+        engine = Engine.load(model, threads=threads)
+
+        def make_timebill(fp32: Engine) -> TimeBill:
+            from timebill.estimator import ExecutionTimeEstimator
+
+            estimator = ExecutionTimeEstimator.for_engine(fp32, path=profile)
+            return TimeBill(fp32, estimator, load_length_predictor(predictor, fp32))
+
+        resources = Resources(
+            engine,
+            load_engine=lambda weights: Engine.load(model, threads=engine.threads, weights=weights),
+            make_timebill=make_timebill,
+            predictor_label=label,
+        )
+        if not report_only and any(method_registry()[m].budgeted for m in options.methods):
+            resources.timebill()  # a missing profile or predictor fails now, not after hours of runs
+        typer.echo(f"{task_file.path}: {len(tasks)} of {len(task_file.tasks)} tasks; predictor: {label}", err=True)
+        data = run_benchmark(resources, task_file, tasks, out, options, log=lambda m: typer.echo(m, err=True))
+        scorer = Scorer(resources.decode)
+        info = {
+            "command": options.command,
+            "threads": engine.threads,
+            "torch": f"{torch.__version__} (python {_platform.python_version()})",
+            "model_id": engine.source.model_id if engine.source else "?",
+            "predictor": label,
+        }
+        path = write_report(data, out, scorer, info)
+    except TimeBillError as exc:
+        _fail(exc)
+        return
+    for line in summary_lines(data, scorer):
+        typer.echo(line)
+    typer.echo(f"report: {path}")
+
+
+@app.command("bench-suite")
+def bench_suite(
+    out: Annotated[
+        str | None, typer.Option(help="Task file to write (default: benchmarks/suites/longbench-style-v1.jsonl).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Generator seed (default: the committed suite's).")] = None,
+    retrieval: Annotated[int, typer.Option(help="Needle-in-essays QA tasks.")] = 60,
+    code: Annotated[int, typer.Option(help="Next-line code completion tasks.")] = 50,
+    chat: Annotated[int, typer.Option(help="Long-document ShareGPT chat tasks.")] = 50,
+    model: Annotated[
+        str | None, typer.Option(help="Model whose tokenizer measures lengths (default: SmolLM2-135M).")
+    ] = None,
+) -> None:
+    """Generate the LongBench-style task suite from text on disk (deterministic for a seed)."""
+    from timebill.bench.generate import DEFAULT_SUITE_SEED, SuiteConfig, generate_suite, length_summary
+    from timebill.bench.suite import default_suite_path, write_suite
+    from timebill.loading import load_model_and_tokenizer, resolve_model
+
+    try:
+        config = SuiteConfig(
+            seed=DEFAULT_SUITE_SEED if seed is None else seed, retrieval=retrieval, code=code, chat=chat
+        )
+        config.validate()
+        source = resolve_model(model)
+        _, tokenizer = load_model_and_tokenizer(source)
+        header, tasks = generate_suite(config, tokenizer, source.model_id)
+        path = write_suite(out or default_suite_path(), header, tasks)
+    except TimeBillError as exc:
+        _fail(exc)
+        return
+    typer.echo(f"{path}: {len(tasks)} tasks, {path.stat().st_size / 1e6:.2f} MB, seed {config.seed}")
+    for kind, stats in length_summary(tasks).items():
+        span = f"{stats['min']}..{stats['max']} (median {stats['median']})"
+        typer.echo(f"  {kind}: {stats['n']} tasks, prompt tokens {span}")
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 STOP_EOS = "eos"
 STOP_MAX_TOKENS = "max_tokens"
 STOP_DEADLINE = "deadline"
+STOP_CANCELLED = "cancelled"  # the caller's should_stop() said so (e.g. a server client disconnected)
+
+CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 
 @dataclass
@@ -59,7 +62,7 @@ class GenerationResult:
     total_s: float  # request start to last token
     token_times_s: list[float]  # per generated token, seconds since request start
     step_times_s: list[float]  # duration of each decode step (len = tokens - 1 unless stopped early)
-    stop_reason: str  # eos | max_tokens | deadline
+    stop_reason: str  # eos | max_tokens | deadline | cancelled
     deadline_s: float | None
     threads: int
     model_id: str
@@ -220,6 +223,14 @@ class Engine:
             engine.warmup()
         return engine
 
+    def use_in_this_thread(self) -> None:
+        """Call first in a thread that will run this engine (a server's model thread).
+
+        With torch's OpenMP backend the intra-op thread count is a per-thread setting: a new thread
+        would otherwise use the OpenMP default (all cores), not ``self.threads``.
+        """
+        torch.set_num_threads(self.threads)
+
     def warmup(self) -> None:
         ids = self.tokenizer.encode("Warm-up: the quick brown fox jumps over the lazy dog. " * 4)
         state = self.prefill(ids, press="snapkv", capture=True)
@@ -254,6 +265,34 @@ class Engine:
             ids = self.tokenizer.encode(text, add_special_tokens=False)
         else:
             ids = self.tokenizer.encode(prompt)
+        self.check_fits(len(ids))
+        return list(ids)
+
+    def encode_messages(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Token ids for a chat (``[{"role": "user", "content": "..."}, ...]``) through the chat template.
+
+        What an OpenAI-style client sends. A single user message gives exactly :meth:`encode`'s ids, so
+        length predictors trained on single prompts see the same thing. Models without a chat template get
+        the contents joined by blank lines.
+        """
+        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+            raise InvalidInputError("messages must be a non-empty list of {role, content} objects.")
+        turns: list[dict[str, str]] = []
+        for i, message in enumerate(messages):
+            role = message.get("role") if isinstance(message, Mapping) else None
+            content = message.get("content") if isinstance(message, Mapping) else None
+            if role not in CHAT_ROLES:
+                raise InvalidInputError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
+            if not isinstance(content, str):
+                raise InvalidInputError(f"messages[{i}].content must be a string, got {type(content).__name__}")
+            turns.append({"role": "system" if role == "developer" else role, "content": content})
+        if not any(t["content"].strip() for t in turns):
+            raise InvalidInputError("The messages are empty; give some text to answer.")
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        else:
+            ids = self.tokenizer.encode("\n\n".join(t["content"] for t in turns))
         self.check_fits(len(ids))
         return list(ids)
 
@@ -357,12 +396,17 @@ class Engine:
         deadline_s: float | None = None,
         sampling: SamplingConfig | None = None,
         on_step: Callable[[int, float, PrefillState], None] | None = None,
+        on_token: Callable[[int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> tuple[list[int], list[float], list[float], str]:
         """Decode after prefill; returns (token ids, token times since start, step durations, stop reason).
 
         The deadline guard stops *before* a step whose expected end (now + last step's duration)
         would pass ``t_start + deadline_s``. ``on_step(i, now, state)`` runs between tokens (the
-        re-planning hook); it may call :meth:`evict`.
+        re-planning hook); it may call :meth:`evict`. ``on_token(token_id)`` runs as each token is
+        produced (streaming; the end-of-turn token included). ``should_stop()`` is asked between tokens;
+        True ends decoding with ``stop_reason="cancelled"`` (a server whose client went away frees the
+        model at the next token instead of finishing an answer nobody reads).
         """
         if max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -379,6 +423,8 @@ class Engine:
         now = time.perf_counter()
         if now > deadline_at:  # prefill alone overran: the first token is already late
             return [], [], [], STOP_DEADLINE
+        if should_stop is not None and should_stop():
+            return [], [], [], STOP_CANCELLED
         if sampling.temperature > 0:
             first = _sample(state.extra["first_logits"], sampling, generator)
         else:
@@ -386,6 +432,8 @@ class Engine:
         tokens = [first]
         times = [now - state.t_start]
         steps: list[float] = []
+        if on_token is not None:
+            on_token(first)
         if first in self.stop_ids:
             return tokens, times, steps, STOP_EOS
 
@@ -398,6 +446,9 @@ class Engine:
         for i in range(1, max_new_tokens):
             if on_step is not None:
                 on_step(i, now, state)
+            if should_stop is not None and should_stop():
+                stop = STOP_CANCELLED
+                break
             if now + last_step > deadline_at:
                 stop = STOP_DEADLINE
                 break
@@ -409,6 +460,8 @@ class Engine:
             steps.append(last_step)
             tokens.append(nxt)
             times.append(now - state.t_start)
+            if on_token is not None:
+                on_token(nxt)
             if nxt in stop_ids:
                 stop = STOP_EOS
                 break

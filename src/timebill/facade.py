@@ -13,6 +13,11 @@ maths) picks α*. Two things go beyond the paper:
 
 Planning after prefill uses the *measured* elapsed time (prefill, prediction) rather than its
 prediction: the budget counts from the request's arrival, and what has been spent is known.
+
+A prompt is a text (the chat template wraps it as one user turn) or a list of chat messages (what an
+OpenAI-style client sends). For a server, :meth:`TimeBill.generate` also takes a prediction made
+earlier (admission control), streams tokens (``on_token``), reports the plan before decoding
+(``on_plan``) and stops when asked (``should_stop``).
 """
 
 from __future__ import annotations
@@ -22,16 +27,20 @@ import re
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from timebill import planner
 from timebill.engine import STOP_DEADLINE, Engine, GenerationResult, PrefillState, SamplingConfig
 from timebill.errors import InfeasibleBudgetError, InvalidInputError
+from timebill.presses import make_press
 
 ARRANGEMENTS = ("probe", "parallel", "sequential")
 BOUNDS = ("k", "conformal")
+
+#: What :meth:`TimeBill.generate` answers: a text, or chat messages ``[{"role": ..., "content": ...}]``.
+Prompt = str | Sequence[Mapping[str, Any]]
 
 
 class LengthPredictionLike(Protocol):
@@ -80,6 +89,9 @@ class RequestPlan:
     feasible: bool
     earliest_feasible_budget_s: float
     budget_s: float
+    # Predicted end-to-end time at N̂ tokens (the expected case; the WCET is at N̂_W): what a server
+    # counts for queued work ahead of a new request.
+    expected_e2e_s: float = 0.0
 
     def summary_line(self) -> str:
         return (
@@ -106,6 +118,11 @@ class TimeBillResult:
     arrangement: str = "probe"
     plan_compute_s: float = 0.0  # computing α* (the planner's closed form and its checks)
     overhead_s: float = 0.0  # everything between request start and the first decode step except prefill
+    waited_s: float = 0.0  # from t_start to the call (a server's queue); part of measured_e2e_s
+    # The estimator's time for the work that ran (prefill of N_x, eviction at α*, the tokens actually
+    # generated): measured_e2e_s - waited_s - predicted_e2e_s is the time model's error, free of the
+    # length predictor's.
+    predicted_e2e_s: float = 0.0
 
     @property
     def alpha(self) -> float:
@@ -139,6 +156,8 @@ class TimeBillResult:
             "arrangement": self.arrangement,
             "plan_compute_s": self.plan_compute_s,
             "overhead_s": self.overhead_s,
+            "waited_s": self.waited_s,
+            "predicted_e2e_s": self.predicted_e2e_s,
             "plan": asdict(self.plan),
             "generation": gen,
         }
@@ -180,6 +199,9 @@ class TimeBill:
             arrangement = "parallel"
         self.arrangement = arrangement
         self.press = press
+        # observe() updates the estimator's recalibration windows at the end of generate(); plan() may run
+        # meanwhile in another thread (a server's admission control) and must not read them mid-update.
+        self._estimator_lock = threading.Lock()
 
     @classmethod
     def load(
@@ -254,6 +276,8 @@ class TimeBill:
             bound=opts["bound"],
             n_worst=n_worst,
         )
+        n_expected = max(1, min(math.ceil(n_hat), n_max))
+        expected = (p.t_predict_s + planner.e2e_s(coef, n_x, p.alpha, n_expected)) if p.feasible else p.predicted_wcet_s
         return RequestPlan(
             n_x=n_x,
             n_hat=n_hat,
@@ -267,21 +291,60 @@ class TimeBill:
             feasible=p.feasible,
             earliest_feasible_budget_s=p.earliest_feasible_budget_s,
             budget_s=budget_s,
+            expected_e2e_s=min(expected, budget_s),
         )
 
-    def _check_prefill_fits(self, n_x: int, budget_s: float) -> None:
+    def _check_prefill_fits(self, n_x: int, budget_s: float, spent_s: float = 0.0) -> None:
+        """Refuse before any work when the prefill alone cannot fit what is left of the budget.
+
+        ``spent_s`` is the part of the budget already gone when the request reaches the model (time in a
+        server's queue): the budget counts from arrival, so only ``budget_s - spent_s`` is left.
+        """
         prefill = self.estimator.prefill_s(n_x)
-        if prefill >= budget_s:
+        spent_s = max(0.0, spent_s)
+        if prefill >= budget_s - spent_s:
+            spent = f" ({spent_s:.3f} s of it already spent waiting)" if spent_s > 1e-3 else ""
+            earliest = spent_s + prefill
             raise InfeasibleBudgetError(
-                f"Infeasible: the budget {budget_s:.3f} s is below the predicted prefill of {n_x} prompt tokens "
-                f"({prefill:.3f} s) on this machine; give at least {prefill * 1.1:.3f} s or shorten the prompt.",
-                earliest_feasible_s=prefill,
+                f"Infeasible: the budget {budget_s:.3f} s{spent} is below the predicted prefill of {n_x} prompt "
+                f"tokens ({prefill:.3f} s) on this machine; give at least {earliest * 1.1:.3f} s or shorten the "
+                "prompt.",
+                earliest_feasible_s=earliest,
             )
+
+    def _encode(self, prompt: Prompt, chat: bool) -> tuple[list[int], str]:
+        """Token ids of the prompt, and the text the length predictor reads.
+
+        For chat messages the predictor reads the last user turn: the shipped predictors were trained on
+        single prompts (first user turns), and the last user turn is what the answer responds to.
+        """
+        if isinstance(prompt, str):
+            return self.engine.encode(prompt, chat=chat), prompt
+        ids = self.engine.encode_messages(prompt)
+        users = [m["content"] for m in prompt if m.get("role") == "user" and m["content"].strip()]
+        text = users[-1] if users else "\n\n".join(m["content"] for m in prompt if m["content"].strip())
+        return ids, text
+
+    def predict_length(
+        self, prompt: Prompt, *, chat: bool = True, time_budget: float | None = None
+    ) -> LengthPredictionLike:
+        """Run the length predictor alone, e.g. for a server's admission control while the model is busy.
+
+        Pass the result to :meth:`plan` and :meth:`generate` (``prediction=``) so it is made once. Probe
+        predictors run their own prefill here (they cannot share the request's later one). With
+        ``time_budget`` (seconds; ≤ 0 allowed), a prompt whose prefill alone cannot fit it is refused
+        first (:class:`InfeasibleBudgetError`): an overloaded server then pays no prediction for it.
+        """
+        ids, text = self._encode(prompt, chat)
+        if time_budget is not None:
+            with self._estimator_lock:
+                self._check_prefill_fits(len(ids), max(float(time_budget), 0.0))
+        return self.predictor.predict(text)
 
     # ------------------------------------------------------------------ public API
     def plan(
         self,
-        prompt: str,
+        prompt: Prompt,
         time_budget: float | str,
         *,
         max_new_tokens: int = 256,
@@ -290,21 +353,26 @@ class TimeBill:
         bound: str | None = None,
         delta: float | None = None,
         chat: bool = True,
+        prediction: LengthPredictionLike | None = None,
     ) -> RequestPlan:
-        """The plan without generating (the prediction runs; the model does not)."""
+        """The plan without generating (the prediction runs unless ``prediction`` is given; the model does not)."""
         budget_s = parse_budget(time_budget)
         opts = self._options(k=k, alpha_max=alpha_max, bound=bound, delta=delta)
         _check_max_new_tokens(max_new_tokens)
-        ids = self.engine.encode(prompt, chat=chat)
-        self._check_prefill_fits(len(ids), budget_s)
-        t0 = time.perf_counter()
-        prediction = self.predictor.predict(prompt)
-        t_predict = 0.0 if self.arrangement == "probe" else time.perf_counter() - t0
-        return self._make_plan(len(ids), budget_s, prediction, opts, max_new_tokens, t_predict, None)
+        ids, text = self._encode(prompt, chat)
+        with self._estimator_lock:
+            self._check_prefill_fits(len(ids), budget_s)
+        t_predict = 0.0
+        if prediction is None:
+            t0 = time.perf_counter()
+            prediction = self.predictor.predict(text)
+            t_predict = 0.0 if self.arrangement == "probe" else time.perf_counter() - t0
+        with self._estimator_lock:
+            return self._make_plan(len(ids), budget_s, prediction, opts, max_new_tokens, t_predict, None)
 
     def generate(
         self,
-        prompt: str,
+        prompt: Prompt,
         time_budget: float | str,
         *,
         max_new_tokens: int = 256,
@@ -319,25 +387,46 @@ class TimeBill:
         seed: int | None = None,
         step_hook: Callable[[int], None] | None = None,
         t_start: float | None = None,
+        prediction: LengthPredictionLike | None = None,
+        press: str | None = None,
+        on_plan: Callable[[RequestPlan], None] | None = None,
+        on_token: Callable[[int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> TimeBillResult:
         """Answer ``prompt`` within ``time_budget`` seconds (from ``t_start``, default: now).
 
         ``step_hook(i)`` runs before decode step ``i`` (benchmarks use it to inject slowdowns).
+        A ``t_start`` in the past (a request that waited in a queue) leaves less of the budget; a request
+        whose prefill no longer fits what is left is refused before any work.
+        ``prediction``: a length prediction made earlier for this prompt (:meth:`predict_length`); the
+        predictor is then not run again and costs nothing on the critical path.
+        ``press``: the eviction method for this request (default: this TimeBill's); the time model stays
+        the profiled one. ``on_plan(plan)`` runs once after planning, before the first decode step;
+        ``on_token(token_id)`` as each token is produced; ``should_stop()`` between tokens (True ends the
+        answer with ``stop_reason="cancelled"``).
         """
-        t_start = time.perf_counter() if t_start is None else t_start
+        t_called = time.perf_counter()
+        t_start = t_called if t_start is None else t_start
         budget_s = parse_budget(time_budget)
         opts = self._options(k=k, alpha_max=alpha_max, bound=bound, delta=delta, replan=replan)
         _check_max_new_tokens(max_new_tokens)
         sampling = SamplingConfig(temperature, top_p, seed)
         sampling.validate()
-        ids = self.engine.encode(prompt, chat=chat)
+        press = self.press if press is None else press
+        make_press(press)  # an unknown name is a clear error before any work
+        ids, text = self._encode(prompt, chat)
         n_x = len(ids)
-        self._check_prefill_fits(n_x, budget_s)
+        self._check_prefill_fits(n_x, budget_s, time.perf_counter() - t_start)
 
-        state, prediction, t_predict = self._prefill_and_predict(prompt, ids, t_start)
+        if prediction is None:
+            state, prediction, t_predict = self._prefill_and_predict(text, ids, t_start, press)
+        else:
+            state, t_predict = self.engine.prefill(ids, press=press, capture=True, t_start=t_start), 0.0
         t_plan = time.perf_counter()
         req_plan = self._make_plan(n_x, budget_s, prediction, opts, max_new_tokens, t_predict, t_plan - t_start)
         plan_compute_s = time.perf_counter() - t_plan
+        if on_plan is not None:
+            on_plan(req_plan)
         self.engine.evict(state, req_plan.alpha)
         kv_per_layer = [int(layer.keys.shape[2]) for layer in state.cache.layers]
 
@@ -349,10 +438,14 @@ class TimeBill:
                 step_hook(i)
 
         t_decode = time.perf_counter()
-        tokens, times, steps, stop = self.engine.decode(state, max_new_tokens, budget_s, sampling, on_step=hook)
+        tokens, times, steps, stop = self.engine.decode(
+            state, max_new_tokens, budget_s, sampling, on_step=hook, on_token=on_token, should_stop=should_stop
+        )
         t_end = time.perf_counter()
         gen = self.engine.make_result(state, tokens, times, steps, stop, kv_per_layer, t_decode, t_end, budget_s)
-        self.estimator.observe(gen)
+        predicted_e2e = t_predict + self.estimator.e2e_s(n_x, req_plan.alpha, len(tokens))
+        with self._estimator_lock:
+            self.estimator.observe(gen)
         e2e = times[-1] if times else t_end - t_start
         return TimeBillResult(
             text=gen.text,
@@ -368,19 +461,22 @@ class TimeBill:
             arrangement=self.arrangement,
             plan_compute_s=plan_compute_s,
             overhead_s=t_decode - t_start - state.prefill_s,
+            waited_s=max(0.0, t_called - t_start),
+            predicted_e2e_s=predicted_e2e,
         )
 
     # ------------------------------------------------------------------ internals
     def _prefill_and_predict(
-        self, prompt: str, ids: list[int], t_start: float
+        self, prompt: str, ids: list[int], t_start: float, press: str | None = None
     ) -> tuple[PrefillState, LengthPredictionLike, float]:
         """Run prefill and the length prediction in the configured arrangement.
 
         ``t_predict`` is only the part of the prediction *not* hidden behind prefill (§4).
         """
         engine = self.engine
+        press = self.press if press is None else press
         if self.arrangement == "probe":
-            state = engine.prefill(ids, press=self.press, capture=True, t_start=t_start, capture_hidden=True)
+            state = engine.prefill(ids, press=press, capture=True, t_start=t_start, capture_hidden=True)
             t0 = time.perf_counter()
             prediction = self.predictor.predict_hidden(state.extra["last_hidden"])
             return state, prediction, time.perf_counter() - t0
@@ -388,7 +484,7 @@ class TimeBill:
             t0 = time.perf_counter()
             prediction = self.predictor.predict(prompt)
             t_predict = time.perf_counter() - t0
-            state = engine.prefill(ids, press=self.press, capture=True, t_start=t_start)
+            state = engine.prefill(ids, press=press, capture=True, t_start=t_start)
             return state, prediction, t_predict
         box: dict[str, Any] = {}
 
@@ -401,7 +497,7 @@ class TimeBill:
 
         worker = threading.Thread(target=run, name="timebill-predictor")
         worker.start()
-        state = engine.prefill(ids, press=self.press, capture=True, t_start=t_start)
+        state = engine.prefill(ids, press=press, capture=True, t_start=t_start)
         prefill_done = time.perf_counter()
         worker.join()
         if "error" in box:
@@ -483,4 +579,4 @@ def _check_max_new_tokens(max_new_tokens: int) -> None:
         raise InvalidInputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
 
 
-__all__ = ["TimeBill", "TimeBillResult", "RequestPlan", "parse_budget", "STOP_DEADLINE"]
+__all__ = ["TimeBill", "TimeBillResult", "RequestPlan", "Prompt", "parse_budget", "STOP_DEADLINE"]

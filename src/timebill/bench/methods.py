@@ -1,0 +1,343 @@
+"""The methods the benchmark compares: small classes behind one interface, one run record each.
+
+| method | family | budget-aware | what runs | paper |
+|---|---|---|---|---|
+| ``vanilla`` | :class:`FixedAlpha` | no | α = 0, fp32 | Vanilla |
+| ``snapkv-0.25`` … ``snapkv-0.95`` | :class:`FixedAlpha` | no | SnapKV at a fixed α | fixed α |
+| ``int8`` | :class:`FixedAlpha` | no | α = 0, int8 dynamic quantisation of the linear layers | AWQ (CPU counterpart) |
+| ``timebill`` | :class:`TimeBillMethod` | yes | k = 5 bound, no re-planning | TimeBill |
+| ``timebill-conformal`` | :class:`TimeBillMethod` | yes | the predictor's calibrated upper(δ = 0.05) bound | ours |
+| ``timebill-replan`` | :class:`TimeBillMethod` | yes | k = 5 and closed-loop re-planning | ours |
+| ``timebill-k1`` … ``timebill-k8`` | :class:`TimeBillMethod` | yes | the k sweep (k = 5 is ``timebill``) | Fig. 8 |
+
+A budget-independent method runs **once per task** with no deadline and keeps its per-token timestamps
+(measured from the request's start) and token ids; every budget and overrun policy is then applied to
+that trace (:func:`outcome`). A TimeBill method runs once per task *and budget*, since its plan depends
+on T; the engine's deadline guard is always on for it. Both kinds leave the same record fields
+(``token_ids``, ``token_times_s``, ``stop_reason``, ``e2e_s``, ``text``), so one function reads any
+record at any budget.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from timebill.bench.metrics import score as metric_score
+from timebill.bench.policies import JobOutcome
+from timebill.bench.suite import Task
+from timebill.errors import InfeasibleBudgetError, InvalidInputError
+
+DEFAULT_K = 5
+FIXED_ALPHAS = (0.25, 0.5, 0.75, 0.95)
+K_SWEEP = tuple(range(1, 9))
+FINISHED_STOPS = ("eos", "max_tokens")
+STOP_REFUSED = "refused"  # TimeBill refused the request before any work (prefill alone exceeds T)
+
+
+# ---------------------------------------------------------------------------------- length predictor
+@dataclass(frozen=True)
+class ConstantPrediction:
+    """N̂ = ``point`` for every prompt; with no calibration data, upper(δ) is ``worst_factor``·N̂."""
+
+    point: float
+    worst_factor: float = float(DEFAULT_K)
+
+    def upper(self, delta: float) -> float:
+        return self.point * self.worst_factor
+
+
+class ConstantLengthPredictor:
+    """A stand-in length predictor (``--predictor constant:N``) so the pipeline runs before the RLP is trained.
+
+    Reports label it loudly: TimeBill numbers measured with it say nothing about the paper's predictor.
+    Its "calibrated" bound is k = 5 times N, so ``timebill-conformal`` equals ``timebill`` under it.
+    """
+
+    uses_prefill_hidden = False
+
+    def __init__(self, length: int) -> None:
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise InvalidInputError(f"a constant length prediction must be an integer >= 1, got {length!r}")
+        self.length = length
+
+    def predict(self, prompt: str) -> ConstantPrediction:
+        return ConstantPrediction(float(self.length))
+
+
+def parse_constant_spec(spec: str) -> int | None:
+    """``"constant:64"`` → 64; anything else → None (a predictor file or shipped name)."""
+    if not spec.startswith("constant:"):
+        return None
+    try:
+        return int(spec.split(":", 1)[1])
+    except ValueError as exc:
+        raise InvalidInputError(f"--predictor constant:N needs an integer N, got {spec!r}") from exc
+
+
+def predictor_label(spec: str | None) -> str:
+    """How reports name the length predictor; also what marks TimeBill runs made with another one.
+
+    A file is named with a hash of its bytes, so retraining it in place makes old TimeBill runs stale.
+    """
+    length = parse_constant_spec(spec) if spec else None
+    if length is not None:
+        return f"constant:{length} (stand-in: N̂ = {length} tokens for every prompt; not the trained predictor)"
+    from timebill.predictor import DEFAULT_PREDICTOR_FILE, DEFAULT_PROBE_FILE, DEFAULT_RLP_FILE
+
+    shipped = {"rlp": DEFAULT_RLP_FILE, "probe": DEFAULT_PROBE_FILE}
+    path = DEFAULT_PREDICTOR_FILE if spec is None else shipped.get(spec, Path(spec))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path.is_file() else "missing"
+    return f"{path.name} (sha256 {digest})"
+
+
+def load_length_predictor(spec: str | None, engine: Any) -> Any:
+    """``constant:N`` → :class:`ConstantLengthPredictor`; else a predictor file or the shipped one."""
+    length = parse_constant_spec(spec) if spec else None
+    if length is not None:
+        return ConstantLengthPredictor(length)
+    from timebill.predictor import load_default_predictor
+
+    return load_default_predictor(engine, spec)
+
+
+# ------------------------------------------------------------------------------------------ resources
+class Resources:
+    """What methods run on: the fp32 engine, a lazily loaded int8 engine, a lazily built TimeBill.
+
+    Loading is deferred so a run that asks for neither pays for neither; tests pass their fixtures.
+    """
+
+    def __init__(
+        self,
+        engine: Any,  # timebill.engine.Engine (fp32)
+        *,
+        load_engine: Callable[[str], Any] | None = None,  # weights -> Engine
+        make_timebill: Callable[[Any], Any] | None = None,  # fp32 Engine -> TimeBill
+        predictor_label: str = "",
+    ) -> None:
+        self.engine = engine
+        self._engines: dict[str, Any] = {engine.weights: engine}
+        self._load_engine = load_engine
+        self._make_timebill = make_timebill
+        self._timebill: Any = None
+        self.predictor_label = predictor_label
+
+    def engine_for(self, weights: str) -> Any:
+        if weights not in self._engines:
+            if self._load_engine is None:
+                raise InvalidInputError(f"no {weights} engine is available to this benchmark run")
+            self._engines[weights] = self._load_engine(weights)
+        return self._engines[weights]
+
+    def timebill(self) -> Any:
+        if self._timebill is None:
+            if self._make_timebill is None:
+                raise InvalidInputError("TimeBill methods need an estimator profile and a length predictor")
+            self._timebill = self._make_timebill(self.engine)
+        return self._timebill
+
+    def decode_paths(self) -> dict[str, str]:
+        return {weights: engine.decode_path for weights, engine in self._engines.items()}
+
+    def decode(self, token_ids: list[int]) -> str:
+        """Text of some generated tokens, exactly as the engine builds a result's text (stop tokens dropped)."""
+        stops = self.engine.stop_ids
+        return self.engine.tokenizer.decode([t for t in token_ids if t not in stops], skip_special_tokens=True)
+
+
+# -------------------------------------------------------------------------------------------- methods
+class Method(ABC):
+    """One way of answering a task; ``run`` returns a JSON-able record (timings, tokens, text)."""
+
+    name: str
+    budgeted: bool  # True: runs once per budget; False: once per task, budgets applied to its trace
+
+    @abstractmethod
+    def run(self, resources: Resources, task: Task, budget_s: float | None) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def describe(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class FixedAlpha(Method):
+    """Evict a fixed fraction α of the prompt KV (SnapKV) after prefill; α = 0 is vanilla decoding."""
+
+    name: str
+    alpha: float
+    weights: str = "fp32"
+    press: str = "snapkv"
+    budgeted: bool = False
+
+    def run(self, resources: Resources, task: Task, budget_s: float | None) -> dict[str, Any]:
+        engine = resources.engine_for(self.weights)
+        result = engine.generate(
+            task.prompt, alpha=self.alpha, max_new_tokens=task.max_new_tokens, press=self.press, chat=task.chat
+        )
+        times = list(result.token_times_s)
+        return {
+            "text": result.text,
+            "token_ids": list(result.token_ids),
+            "token_times_s": times,
+            "stop_reason": result.stop_reason,
+            "e2e_s": times[-1] if times else result.total_s,
+            "prompt_tokens": result.prompt_tokens,
+            "kept_kv_tokens": result.kept_kv_tokens,
+            "alpha": result.alpha,
+            "prefill_s": result.prefill_s,
+            "evict_s": result.evict_s,
+            "decode_s": result.decode_s,
+            "decode_path": result.decode_path,
+        }
+
+    def describe(self) -> str:
+        what = "vanilla" if self.alpha == 0 else f"SnapKV α = {self.alpha:g}"
+        return f"{what}, {self.weights} weights (one run per task; budgets applied to its trace)"
+
+
+@dataclass(frozen=True)
+class TimeBillMethod(Method):
+    """TimeBill's request path at budget T: predict N̂, plan α*, evict, decode under the guard."""
+
+    name: str
+    k: float = DEFAULT_K
+    bound: str = "k"
+    replan: bool = False
+    budgeted: bool = True
+
+    def run(self, resources: Resources, task: Task, budget_s: float | None) -> dict[str, Any]:
+        if budget_s is None:
+            raise InvalidInputError(f"{self.name} needs a time budget")
+        tb = resources.timebill()
+        t0 = time.perf_counter()
+        try:
+            result = tb.generate(
+                task.prompt,
+                time_budget=budget_s,
+                max_new_tokens=task.max_new_tokens,
+                k=self.k,
+                bound=self.bound,
+                replan=self.replan,
+                chat=task.chat,
+            )
+        except InfeasibleBudgetError as exc:
+            return {
+                "text": "",
+                "token_ids": [],
+                "token_times_s": [],
+                "stop_reason": STOP_REFUSED,
+                "e2e_s": time.perf_counter() - t0,
+                "refused": str(exc),
+                "predictor": resources.predictor_label,
+            }
+        gen = result.generation
+        times = list(gen.token_times_s)
+        plan = result.plan
+        record = {
+            "text": result.text,
+            "token_ids": list(gen.token_ids),
+            "token_times_s": times,
+            "stop_reason": result.stop_reason,
+            "e2e_s": result.measured_e2e_s,
+            "prompt_tokens": gen.prompt_tokens,
+            "kept_kv_tokens": gen.kept_kv_tokens,
+            "alpha": gen.alpha,
+            "alpha_star": plan.alpha,
+            "n_hat": plan.n_hat,
+            "n_worst": plan.n_worst,
+            "feasible": plan.feasible,
+            "predicted_prefill_s": plan.predicted_prefill_s,
+            "predicted_wcet_s": plan.predicted_wcet_s,
+            "prefill_s": result.measured_prefill_s,
+            "decode_s": result.measured_decode_s,
+            "t_predict_s": result.t_predict_s,
+            "replans": len(result.replans),
+            "decode_path": gen.decode_path,
+            "predictor": resources.predictor_label,
+        }
+        # For the Fig. 6 plot: the time model's e2e (with its online correction, as the plan used it) at the
+        # length actually generated and the final α.
+        try:
+            record["predicted_e2e_s"] = tb.estimator.e2e_s(
+                gen.prompt_tokens, min(gen.alpha, 0.999999), max(1, gen.tokens_generated)
+            )
+        except InvalidInputError:
+            record["predicted_e2e_s"] = None
+        return record
+
+    def describe(self) -> str:
+        bound = "calibrated upper(δ) bound" if self.bound == "conformal" else f"k = {self.k:g}"
+        return f"TimeBill, {bound}, re-planning {'on' if self.replan else 'off'} (one run per task and budget)"
+
+
+def method_registry() -> dict[str, Method]:
+    """Every method the CLI's ``--methods`` accepts, in report order."""
+    methods: dict[str, Method] = {"vanilla": FixedAlpha("vanilla", 0.0)}
+    for alpha in FIXED_ALPHAS:
+        methods[f"snapkv-{alpha:g}"] = FixedAlpha(f"snapkv-{alpha:g}", alpha)
+    methods["int8"] = FixedAlpha("int8", 0.0, weights="int8")
+    methods["timebill"] = TimeBillMethod("timebill")
+    methods["timebill-conformal"] = TimeBillMethod("timebill-conformal", bound="conformal")
+    methods["timebill-replan"] = TimeBillMethod("timebill-replan", replan=True)
+    return methods
+
+
+def k_sweep_method(k: int) -> TimeBillMethod:
+    """TimeBill at pessimistic factor ``k``; k = 5 *is* ``timebill`` (same runs, same records)."""
+    return TimeBillMethod("timebill" if k == DEFAULT_K else f"timebill-k{k}", k=k)
+
+
+# ------------------------------------------------------------------------------------- reading records
+class Scorer:
+    """Scores answers and answer prefixes, caching both (a trace is read at many budgets)."""
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self.decode = decode
+        self._cache: dict[tuple[str, str, int], float] = {}
+
+    def full(self, key: str, task: Task, record: dict[str, Any]) -> float:
+        cache_key = (key, task.id, -1)
+        if cache_key not in self._cache:
+            self._cache[cache_key] = metric_score(task.metric, record.get("text", ""), task.references)
+        return self._cache[cache_key]
+
+    def prefix(self, key: str, task: Task, record: dict[str, Any], n_tokens: int) -> float:
+        ids = record.get("token_ids", [])
+        if n_tokens >= len(ids):
+            return self.full(key, task, record)
+        cache_key = (key, task.id, n_tokens)
+        if cache_key not in self._cache:
+            self._cache[cache_key] = metric_score(task.metric, self.decode(ids[:n_tokens]), task.references)
+        return self._cache[cache_key]
+
+
+def outcome(record: dict[str, Any], task: Task, budget_s: float, scorer: Scorer) -> JobOutcome:
+    """Read one run record at budget T: finished by T? full and partial scores, processor time held.
+
+    ``finished``: the answer ended by itself (EOS or N_max) and its last token came by T. The partial
+    answer is the tokens stamped at or before T. ``busy_s`` is the record's end-to-end time: a trace ran
+    to its end (what Skip-Next lets an overrunning job do); a TimeBill run stopped where its guard stopped it.
+    """
+    times = record.get("token_times_s", [])
+    e2e = float(record.get("e2e_s", math.inf))
+    finished = record.get("stop_reason") in FINISHED_STOPS and bool(times) and e2e <= budget_s
+    n_by_deadline = bisect.bisect_right(times, budget_s)
+    key = str(record.get("key", ""))
+    full = scorer.full(key, task, record) if finished else 0.0
+    partial = scorer.prefix(key, task, record, n_by_deadline) if n_by_deadline else 0.0
+    return JobOutcome(
+        task_id=task.id,
+        finished=finished,
+        full_score=full,
+        partial_score=partial,
+        answered=n_by_deadline > 0,
+        busy_s=e2e,
+    )

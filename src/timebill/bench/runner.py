@@ -1,0 +1,430 @@
+"""Run the benchmark: every (method, task[, budget]) once, resumable, appended to per-method JSONL files.
+
+Layout of ``--out DIR``::
+
+    manifest.json          settings a resumed run must share (suite hash, model, threads) + chosen budgets
+    runs/<method>.jsonl    one line per finished run (a record of timings, token ids and stamps, text)
+    results.md, *.png      the report (:mod:`timebill.bench.report`), rebuilt at the end of every run
+
+Order: budget-independent methods first (vanilla, fixed α, int8 — one run per task), then the budgets
+are chosen from vanilla's measured end-to-end times (unless given), then TimeBill's methods per budget,
+then the k sweep at the tightest budget. Each run's record is appended, flushed and fsync'd the moment
+it ends, so killing the process loses at most the run in flight; a restart reads the files, ignores a
+torn last line (cutting it off before appending) and skips every key already there. A TimeBill record
+made with another length predictor does not count as done: swapping the predictor reruns only TimeBill.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from timebill.bench.methods import K_SWEEP, Method, Resources, k_sweep_method, method_registry
+from timebill.bench.suite import Suite, Task
+from timebill.errors import InvalidInputError, TimeBillError
+
+MANIFEST_VERSION = 1
+BUDGET_QUANTILES = (0.2, 0.35, 0.5, 0.65, 0.8, 0.95)
+_IDENTITY = ("suite_sha256", "model_id", "model_fingerprint", "threads")
+
+
+class BenchError(TimeBillError):
+    """The output directory or its run files cannot be used as asked."""
+
+
+@dataclass
+class BenchOptions:
+    """What to run (the CLI's flags after parsing)."""
+
+    methods: list[str]
+    budgets: list[float] | None = None  # None: chosen from vanilla's times
+    n_budgets: int = len(BUDGET_QUANTILES)
+    k_sweep: Sequence[int] = K_SWEEP  # empty: no sweep
+    cpu_lock: str | None = None
+    progress: bool = True
+    command: str = ""
+    fraction: float = 1.0
+    run_missing: bool = True  # False: only read what is there (``--report-only``)
+
+    def validate(self) -> None:
+        known = method_registry()
+        unknown = [m for m in self.methods if m not in known]
+        if unknown:
+            raise InvalidInputError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+        if not self.methods:
+            raise InvalidInputError("no methods to run")
+        if self.budgets is not None and (not self.budgets or any(not (b > 0) for b in self.budgets)):
+            raise InvalidInputError(f"budgets must be positive seconds, got {self.budgets}")
+        if self.budgets is None and not 2 <= self.n_budgets <= 20:
+            raise InvalidInputError(f"--n-budgets must be in 2..20, got {self.n_budgets}")
+        if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.k_sweep):
+            raise InvalidInputError(f"k sweep values must be integers >= 1, got {list(self.k_sweep)}")
+
+
+@dataclass
+class BenchData:
+    """Everything the report needs: tasks, budgets, and records by method name then key."""
+
+    suite: Suite
+    tasks: list[Task]
+    budgets: list[float]
+    budget_note: str
+    methods: list[Method]
+    k_methods: list[Method]
+    records: dict[str, dict[str, dict[str, Any]]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def run_key(method: str, task_id: str, budget_s: float | None) -> str:
+    """Stable key of one run: ``method|task`` or ``method|task|T`` (T to 6 significant digits)."""
+    return f"{method}|{task_id}" if budget_s is None else f"{method}|{task_id}|{budget_s:.6g}"
+
+
+# --------------------------------------------------------------------------------------- run files
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def read_runs(path: Path, repair: bool = False) -> dict[str, dict[str, Any]]:
+    """Records of one run file by key (a later line wins). A torn last line is ignored (and cut with ``repair``).
+
+    A corrupt line *before* the last is an error: it cannot come from a killed append, so the file was
+    edited or damaged, and silently dropping runs would bias the results.
+    """
+    if not path.exists():
+        return {}
+    raw = path.read_bytes()
+    complete, _, tail = raw.rpartition(b"\n")
+    lines = complete.split(b"\n") if complete else []
+    torn = bool(tail)
+    if lines:
+        try:
+            json.loads(lines[-1])
+        except ValueError:
+            lines.pop()
+            torn = True
+    if torn and repair:
+        _write_atomically(path, b"".join(line + b"\n" for line in lines))
+    records: dict[str, dict[str, Any]] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            key = record["key"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise BenchError(
+                f"{path} line {number} is corrupt ({exc}); move the file away to rerun that method."
+            ) from exc
+        records[key] = record
+    return records
+
+
+class RunStore:
+    """Append-only run files under ``DIR/runs``, one per method."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.directory = out_dir / "runs"
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def path(self, method: str) -> Path:
+        return self.directory / f"{method}.jsonl"
+
+    def load(self, method: str) -> dict[str, dict[str, Any]]:
+        return read_runs(self.path(method), repair=True)
+
+    def append(self, method: str, record: dict[str, Any]) -> None:
+        line = json.dumps(record, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+        path = self.path(method)
+        new = not path.exists()
+        with path.open("ab") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        if new:
+            _fsync_dir(self.directory)
+
+
+# ------------------------------------------------------------------------------------------ manifest
+def load_manifest(out_dir: Path) -> dict[str, Any] | None:
+    path = out_dir / "manifest.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise BenchError(f"{path} is not JSON ({exc}); delete it (runs are kept) to start a new manifest.") from exc
+
+
+def save_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
+    _write_atomically(out_dir / "manifest.json", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+
+
+def check_manifest(found: dict[str, Any], expected: dict[str, Any], out_dir: Path) -> None:
+    diffs = [
+        f"{k}: {found.get(k)!r} there, {expected.get(k)!r} now" for k in _IDENTITY if found.get(k) != expected.get(k)
+    ]
+    if diffs:
+        raise BenchError(
+            f"{out_dir} holds runs made with other settings (" + "; ".join(diffs) + "). Use another --out directory."
+        )
+
+
+def _selection_sha(tasks: Sequence[Task]) -> str:
+    return hashlib.sha256("\n".join(t.id for t in tasks).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------- budgets
+def _quantile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear-interpolation quantile (numpy's default) of already sorted values."""
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def _round_sig(x: float, digits: int = 3) -> float:
+    return float(f"{x:.{digits}g}")
+
+
+def choose_budgets(vanilla_e2e_s: Sequence[float], n: int = len(BUDGET_QUANTILES)) -> tuple[list[float], str]:
+    """Budgets at evenly spaced quantiles (20th … 95th percentile) of vanilla's end-to-end times.
+
+    At the 20th percentile vanilla misses ~80 % of jobs (the tightest budget); at the 95th it finishes
+    ~95 % (the loosest). Returns the budgets (3 significant digits, duplicates dropped) and a sentence
+    saying how they were chosen and what vanilla completes at each.
+    """
+    values = sorted(v for v in vanilla_e2e_s if v == v)
+    if not values:
+        raise BenchError("no vanilla runs to choose budgets from; pass --budgets or include the vanilla method")
+    lo_q, hi_q = BUDGET_QUANTILES[0], BUDGET_QUANTILES[-1]
+    quantiles = [lo_q + (hi_q - lo_q) * i / (n - 1) for i in range(n)]
+    budgets = sorted({_round_sig(_quantile(values, q)) for q in quantiles})
+    done = [sum(v <= b for v in values) / len(values) for b in budgets]
+    note = (
+        f"Budgets are the {', '.join(f'{100 * q:.0f}' for q in quantiles)}th percentiles of vanilla's measured "
+        f"end-to-end times over {len(values)} tasks (min {values[0]:.2f} s, median {_quantile(values, 0.5):.2f} s, "
+        f"max {values[-1]:.2f} s), to 3 significant digits: "
+        + ", ".join(f"{b:g} s (vanilla finishes {100 * d:.0f} %)" for b, d in zip(budgets, done, strict=True))
+        + "."
+    )
+    return budgets, note
+
+
+# ----------------------------------------------------------------------------------------- the loop
+@contextlib.contextmanager
+def cpu_lock(path: str | None) -> Iterator[None]:
+    """Hold an exclusive flock on ``path`` around one run, so timed runs never overlap another job's."""
+    if path is None:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class _Progress:
+    """A tqdm bar over the runs still to do (ETA included), or nothing when disabled."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="run", desc="bench", file=sys.stderr, dynamic_ncols=True)
+
+    def write(self, message: str, log: Callable[[str], None]) -> None:
+        """A message above the bar (printing past a live bar would splice the two on one line)."""
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stderr)
+        else:
+            log(message)
+
+    def set_total(self, total: int) -> None:
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
+
+    def step(self, label: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(label, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _check_tasks_fit(engine: Any, tasks: Sequence[Task]) -> None:
+    """Every prompt must fit the context with room for one token: a clear error now beats one hours in."""
+    bad = []
+    for task in tasks:
+        try:
+            engine.encode(task.prompt, chat=task.chat)
+        except TimeBillError as exc:
+            bad.append(f"{task.id}: {exc}")
+    if bad:
+        raise BenchError("some tasks cannot run on this model:\n  " + "\n  ".join(bad[:10]))
+
+
+def run_benchmark(
+    resources: Resources,
+    suite: Suite,
+    tasks: list[Task],
+    out_dir: str | os.PathLike[str],
+    options: BenchOptions,
+    log: Callable[[str], None] = print,
+) -> BenchData:
+    """Run whatever is missing and return every record the report needs (see the module docstring)."""
+    options.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    engine = resources.engine
+    source = getattr(engine, "source", None)
+    identity = {
+        "suite_sha256": suite.sha256,
+        "model_id": getattr(source, "model_id", "?"),
+        "model_fingerprint": getattr(source, "fingerprint", "?"),
+        "threads": engine.threads,
+    }
+    manifest = load_manifest(out)
+    if manifest is None:
+        manifest = {"format_version": MANIFEST_VERSION, **identity, "suite_path": suite.path}
+    else:
+        check_manifest(manifest, identity, out)
+    save_manifest(out, manifest)
+    _check_tasks_fit(engine, tasks)
+
+    registry = method_registry()
+    methods = [registry[m] for m in registry if m in options.methods]  # report order
+    trace_methods = [m for m in methods if not m.budgeted]
+    budget_methods = [m for m in methods if m.budgeted]
+    k_methods = [k_sweep_method(k) for k in sorted(set(options.k_sweep))] if "timebill" in options.methods else []
+    if options.budgets is None and budget_methods and not any(m.name == "vanilla" for m in trace_methods):
+        trace_methods.insert(0, registry["vanilla"])  # budgets come from vanilla's times
+        log("note: adding the vanilla method: budgets are chosen from its times (or pass --budgets)")
+    store = RunStore(out)
+    records: dict[str, dict[str, dict[str, Any]]] = {}
+    all_methods = {m.name: m for m in [*trace_methods, *budget_methods, *k_methods]}
+    stale = 0
+    for name, method in all_methods.items():
+        loaded = store.load(name)
+        if method.budgeted:
+            fresh = {k: r for k, r in loaded.items() if r.get("predictor") == resources.predictor_label}
+            stale += len(loaded) - len(fresh)
+            loaded = fresh
+        records[name] = loaded
+    if stale:
+        log(f"note: {stale} TimeBill runs were made with another length predictor; they will be rerun")
+
+    def pending(method: Method, budgets: Sequence[float | None]) -> list[tuple[Method, Task, float | None]]:
+        done = records[method.name]
+        return [(method, task, b) for b in budgets for task in tasks if run_key(method.name, task.id, b) not in done]
+
+    selection = _selection_sha(tasks)
+    budgets: list[float] | None = options.budgets
+    note = "Budgets given on the command line." if budgets is not None else ""
+    if budgets is None and manifest.get("budget_selection") == selection and manifest.get("budgets"):
+        budgets, note = list(manifest["budgets"]), str(manifest.get("budget_note", ""))
+    n_budgets = len(budgets) if budgets is not None else options.n_budgets
+    trace_todo = [item for m in trace_methods for item in pending(m, [None])]
+    # Interleave methods per task, so slow drift of a shared machine hits every method alike.
+    position = {task.id: i for i, task in enumerate(tasks)}
+    trace_todo.sort(key=lambda item: position[item[1].id])
+    estimate = len(trace_todo) + len(budget_methods) * len(tasks) * n_budgets + len(k_methods) * len(tasks)
+    progress = _Progress(options.progress and options.run_missing, estimate)
+
+    def execute(items: Sequence[tuple[Method, Task, float | None]]) -> None:
+        if not options.run_missing:
+            return
+        for method, task, budget in items:
+            key = run_key(method.name, task.id, budget)
+            with cpu_lock(options.cpu_lock):
+                record = method.run(resources, task, budget)
+            record.update(
+                key=key,
+                method=method.name,
+                task_id=task.id,
+                kind=task.kind,
+                budget_s=budget,
+                max_new_tokens=task.max_new_tokens,
+                finished_at=time.time(),
+            )
+            store.append(method.name, record)
+            records[method.name][key] = record
+            progress.step(f"{method.name} {task.id}" + ("" if budget is None else f" T={budget:g}s"))
+
+    try:
+        if trace_todo and options.run_missing:
+            names = ", ".join(m.name for m in trace_methods)
+            progress.write(f"budget-independent runs: {len(trace_todo)} to do ({names})", log)
+        execute(trace_todo)
+        if budgets is None:
+            if budget_methods:
+                vanilla = records["vanilla"]
+                e2e = [vanilla[k]["e2e_s"] for k in (run_key("vanilla", t.id, None) for t in tasks) if k in vanilla]
+                if len(e2e) < len(tasks):
+                    raise BenchError("vanilla has not run on every task yet, so no budgets can be chosen; run first")
+                budgets, note = choose_budgets(e2e, options.n_budgets)
+                progress.write(note, log)
+            else:
+                budgets, note = [], "No budgeted methods were run."
+        if options.run_missing or not manifest.get("budgets"):
+            manifest.update(budgets=budgets, budget_note=note, budget_selection=selection)
+            save_manifest(out, manifest)
+        budget_todo = [item for b in budgets for m in budget_methods for item in pending(m, [b])]
+        budget_todo.sort(key=lambda item: (budgets.index(item[2]), position[item[1].id]))  # type: ignore[arg-type]
+        planned = {run_key(m.name, t.id, b) for m, t, b in budget_todo}
+        k_todo = [item for m in k_methods for item in pending(m, budgets[:1])] if budgets else []
+        k_todo = [(m, t, b) for m, t, b in k_todo if run_key(m.name, t.id, b) not in planned]
+        k_todo.sort(key=lambda item: position[item[1].id])
+        progress.set_total((progress.bar.n if progress.bar else 0) + len(budget_todo) + len(k_todo))
+        if budget_todo and options.run_missing:
+            progress.write(f"TimeBill runs: {len(budget_todo)} to do over {len(budgets)} budgets", log)
+        execute(budget_todo)
+        if k_todo and options.run_missing:
+            progress.write(f"k sweep at T = {budgets[0]:g} s: {len(k_todo)} runs to do", log)
+        execute(k_todo)
+    finally:
+        progress.close()
+    return BenchData(
+        suite=suite,
+        tasks=tasks,
+        budgets=list(budgets),
+        budget_note=note,
+        methods=[*trace_methods, *budget_methods],
+        k_methods=k_methods,
+        records=records,
+        meta={"command": options.command, "fraction": options.fraction, "decode_paths": resources.decode_paths()},
+    )
