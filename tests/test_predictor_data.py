@@ -227,3 +227,23 @@ def test_labelling_order_grows_every_split_together():
     everything = [c.index for g in labelling_groups(splits, 10_000) for c in g]
     assert sorted(everything) == sorted(c.index for s in splits.values() for c in s)  # all, once
     assert everything[-5:] == list(range(900, 905))  # the pool comes last
+
+
+def test_merging_shard_files_adds_only_missing_labels_and_refuses_other_settings(tmp_path):
+    from timebill.predictor.labelling import merge_label_files
+
+    header = {"format_version": 1, "model_id": "m", "model_fingerprint": "f", "cap_tokens": 8}
+    main, shard, other = tmp_path / "main.jsonl", tmp_path / "shard.jsonl", tmp_path / "other.jsonl"
+    main.write_text(json.dumps(header) + "\n" + LengthLabel(1, 5, "eos", 20).to_json() + "\n")
+    shard.write_text(
+        json.dumps({**header, "created": "later"})
+        + "\n"
+        + "".join(LengthLabel(i, 8, "max_tokens", 9).to_json() + "\n" for i in (1, 2, 3))
+    )
+    assert merge_label_files(main, [shard]) == (2, 1)
+    assert [r.index for r in read_label_file(main)[1]] == [1, 2, 3]
+    assert read_label_file(main)[1][0].length == 5  # the file merged into wins on a duplicate
+    assert merge_label_files(main, [shard]) == (0, 3)  # idempotent
+    other.write_text(json.dumps({**header, "cap_tokens": 16}) + "\n")
+    with pytest.raises(PredictorError, match="cap_tokens"):
+        merge_label_files(main, [other])

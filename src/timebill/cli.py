@@ -229,25 +229,68 @@ def rlp_label(
     cpu_lock: Annotated[
         str | None, typer.Option("--cpu-lock", help="flock this file per chunk of work (shared machines).")
     ] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            help="I/N: label only every N-th prompt from the I-th (0-based), so N single-thread processes "
+            "share the cores; give each its own --out and merge with `timebill rlp merge`."
+        ),
+    ] = None,
+    skip_labelled: Annotated[
+        list[str] | None, typer.Option("--skip-labelled", help="Label files whose prompts to skip (with --shard).")
+    ] = None,
 ) -> None:
     """Label ShareGPT prompts with the target model's own greedy response lengths (resumable)."""
     from timebill.predictor.data import labelling_groups, load_sharegpt, split_conversations
-    from timebill.predictor.labelling import DEFAULT_LABELS_FILE, label_lengths
+    from timebill.predictor.labelling import DEFAULT_LABELS_FILE, label_lengths, read_label_file
 
     try:
         if out is None and model is not None:
             raise TimeBillError("Pass --out for a non-default model (the packaged file is SmolLM2's).")
         from timebill.engine import Engine
 
-        engine = Engine.load(model, threads=threads)
         groups = labelling_groups(split_conversations(load_sharegpt(max_prompt_tokens)), n)
+        skip: set[int] = set()
+        if shard is not None:
+            which, count = _parse_shard(shard)
+            groups = [[c for pos, c in enumerate(group) if pos % count == which] for group in groups]
+            for path in skip_labelled or []:
+                skip |= {r.index for r in read_label_file(path)[1]}
+        engine = Engine.load(model, threads=threads)
         target = out or DEFAULT_LABELS_FILE
-        records = label_lengths(engine, groups, target, cap, batch_size, cpu_lock=cpu_lock)
+        records = label_lengths(engine, groups, target, cap, batch_size, cpu_lock=cpu_lock, skip=skip)
     except TimeBillError as exc:
         _fail(exc)
         return
     eos = sum(r.stop_reason == "eos" for r in records)
     typer.echo(f"{target}: {len(records)} labels ({eos} eos, {len(records) - eos} max_tokens)")
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    try:
+        which, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise InvalidInputError(f"--shard must look like 0/2, got {text!r}") from None
+    if not (count >= 1 and 0 <= which < count):
+        raise InvalidInputError(f"--shard I/N needs 0 <= I < N, got {text!r}")
+    return which, count
+
+
+@rlp_app.command("merge")
+def rlp_merge(
+    sources: Annotated[list[str], typer.Argument(help="Label files to merge in (e.g. shard files).")],
+    into: Annotated[str | None, typer.Option(help="Label file to extend (default: the packaged one).")] = None,
+) -> None:
+    """Merge label files of the same labelling (parallel shards) into one, atomically."""
+    from timebill.predictor.labelling import DEFAULT_LABELS_FILE, merge_label_files
+
+    target = into or DEFAULT_LABELS_FILE
+    try:
+        added, duplicates = merge_label_files(target, sources)
+    except TimeBillError as exc:
+        _fail(exc)
+        return
+    typer.echo(f"{target}: {added} labels added, {duplicates} already present")
 
 
 @rlp_app.command("train")

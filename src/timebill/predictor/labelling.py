@@ -640,6 +640,7 @@ def label_lengths(
     cpu_lock: str | os.PathLike[str] | None = None,
     on_batch: Callable[[list[LengthLabel]], None] | None = None,
     progress: bool = True,
+    skip: set[int] | None = None,
 ) -> list[LengthLabel]:
     """Label every conversation of ``groups`` into ``out`` (resuming it); returns all its records.
 
@@ -659,7 +660,7 @@ def label_lengths(
     header, records = read_label_file(out, repair=True)
     if header is not None:
         _check_header(header, expected, out)
-    done = {r.index for r in records}
+    done = {r.index for r in records} | (skip or set())  # skip: labelled in another file (shards)
 
     prompts: list[tuple[Conversation, list[int]]] = []
     queued: set[int] = set()
@@ -698,3 +699,33 @@ def label_lengths(
                 if on_batch is not None:
                     on_batch(new)
     return records
+
+
+def merge_label_files(into: str | os.PathLike[str], sources: Sequence[str | os.PathLike[str]]) -> tuple[int, int]:
+    """Append the records of ``sources`` (e.g. shard files of a parallel run) that ``into`` lacks.
+
+    Headers must describe the same labelling (model, cap, template, decoding); ``into`` is rewritten
+    through a temporary file and ``os.replace``, so a crash leaves either the old or the merged file.
+    Returns (records added, records already present).
+    """
+    into = Path(into)
+    header, records = read_label_file(into, repair=True)
+    if header is None:
+        raise PredictorError(f"{into} has no labels to merge into.")
+    have = {r.index for r in records}
+    added: list[LengthLabel] = []
+    duplicates = 0
+    for source in sources:
+        src_header, src_records = read_label_file(source)
+        if src_header is None:
+            continue
+        _check_header(src_header, header, Path(source))
+        for record in src_records:
+            if record.index in have:
+                duplicates += 1
+                continue
+            have.add(record.index)
+            added.append(record)
+    if added:
+        _rewrite_atomically(into, into.read_bytes() + "".join(r.to_json() + "\n" for r in added).encode())
+    return len(added), duplicates
