@@ -383,3 +383,22 @@ def test_cli_show_without_a_profile_explains(tmp_path: Path, monkeypatch: pytest
     result = CliRunner().invoke(app, ["profile", "--show", "--out", str(tmp_path / "none.json")])
     assert result.exit_code == 2
     assert "run `timebill profile" in result.output.replace("\n", " ")
+
+
+def test_an_unconfirmed_correction_fades_back_to_the_profile():
+    """A load spike must not lock a server out: refused requests bring no measurements to lower it."""
+    from timebill.estimator import DriftTracker
+
+    now = [0.0]
+    tracker = DriftTracker("prefill", long_window=16, short_window=4, stale_after_s=60.0, clock=lambda: now[0])
+    for i in range(6):
+        tracker.observe(100 + i, 0.3, 0.1)  # 3x slower than the profile
+    assert tracker.scale() == pytest.approx(3.0)
+    now[0] = 59.0
+    assert tracker.scale() == pytest.approx(3.0)  # recent: kept in full
+    now[0] = 120.0
+    assert tracker.scale() == pytest.approx(3.0**0.5)  # one half-life past stale
+    now[0] = 1200.0
+    assert tracker.scale() == pytest.approx(1.0, abs=1e-3)
+    tracker.observe(200, 0.3, 0.1)  # the slowdown is still there: the next measurement restores it
+    assert tracker.scale() == pytest.approx(3.0)

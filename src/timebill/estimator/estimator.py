@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from collections import defaultdict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -378,6 +379,12 @@ class DriftTracker:
     the long window's history describes a machine that is gone (after a 15× slowdown ends, half a
     window of 15× ratios would hold its median high for dozens of requests), so it is restarted from
     the short window's observations.
+
+    A correction nothing has confirmed for ``stale_after_s`` fades (geometrically, one half-life per
+    ``stale_after_s``) back to the static profile. Without that, a load spike could lock a deadline
+    server out for good: the raised factor makes every request look infeasible, refused requests are
+    never measured, and the factor never comes down. If the slowdown is still there, the next request
+    that runs re-establishes it (and the deadline guard protects that request meanwhile).
     """
 
     def __init__(
@@ -387,6 +394,8 @@ class DriftTracker:
         short_window: int,
         switch: float = 0.15,
         clip: tuple[float, float] = (0.25, 4.0),
+        stale_after_s: float = 120.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if kind not in OnlineRecalibrator.KINDS:
             raise InvalidInputError(f"kind must be one of {OnlineRecalibrator.KINDS}, got {kind!r}")
@@ -398,6 +407,11 @@ class DriftTracker:
         self._short = OnlineRecalibrator(window=short_window, min_obs=min(2, short_window), clip=clip)
         self._recent: deque[tuple[int, float, float]] = deque(maxlen=short_window)
         self.restarts = 0  # how many sustained shifts were detected (for reports and tests)
+        if not stale_after_s > 0:
+            raise InvalidInputError(f"stale_after_s must be > 0, got {stale_after_s!r}")
+        self.stale_after_s = stale_after_s
+        self._clock = clock
+        self._last_obs_t: float | None = None
 
     def _feed(self, rec: OnlineRecalibrator, n: int, measured_s: float, predicted_s: float) -> None:
         if self.kind == "prefill":
@@ -409,6 +423,7 @@ class DriftTracker:
         if not (math.isfinite(measured_s) and math.isfinite(predicted_s) and measured_s > 0 and predicted_s > 0):
             return  # the recalibrators drop such glitches too; keep the windows in step
         self._recent.append((n, measured_s, predicted_s))
+        self._last_obs_t = self._clock()
         self._feed(self._long, n, measured_s, predicted_s)
         self._feed(self._short, n, measured_s, predicted_s)
         full = len(self._recent) == self._recent.maxlen
@@ -425,12 +440,19 @@ class DriftTracker:
     def scale(self) -> float:
         """Multiply static predictions by this (1.0 until there are observations)."""
         long_scale, short_scale = self._long.scale(self.kind), self._short.scale(self.kind)
-        return short_scale if abs(short_scale / long_scale - 1.0) > self.switch else long_scale
+        scale = short_scale if abs(short_scale / long_scale - 1.0) > self.switch else long_scale
+        if self._last_obs_t is None:
+            return scale
+        age = self._clock() - self._last_obs_t
+        if age <= self.stale_after_s:
+            return scale
+        return scale ** (0.5 ** ((age - self.stale_after_s) / self.stale_after_s))
 
     def reset(self) -> None:
         self._long.reset()
         self._short.reset()
         self._recent.clear()
+        self._last_obs_t = None
 
 
 class ExecutionTimeEstimator:
