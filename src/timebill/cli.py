@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from timebill.errors import InfeasibleBudgetError, InvalidInputError, TimeBillError
+from timebill.errors import InfeasibleBudgetError, InvalidInputError, ProfileError, TimeBillError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="TimeBill: time-budgeted LLM inference.")
 
@@ -402,6 +402,9 @@ def rlp_eval(
 def profile(
     quick: Annotated[bool, typer.Option("--quick", help="Short grid (~1-2 min), rougher fit.")] = False,
     show: Annotated[bool, typer.Option("--show", help="Print this setup's saved profile; no measuring.")] = False,
+    if_missing: Annotated[
+        bool, typer.Option("--if-missing", help="Measure only when this setup has no valid profile yet.")
+    ] = False,
     model: Annotated[
         str | None, typer.Option(help="HF model dir, .gguf file or hub id (default: SmolLM2-135M).")
     ] = None,
@@ -433,6 +436,14 @@ def profile(
 
     try:
         engine = Engine.load(model, threads=threads, warmup=not show, device=device, weights=weights)
+        if if_missing and not show:
+            try:
+                ExecutionTimeEstimator.for_engine(engine, path=out, press=press)
+            except ProfileError as exc:
+                typer.echo(f"no usable profile for this setup yet ({exc}); measuring one now.", err=True)
+            else:
+                typer.echo("this setup already has a profile (`timebill profile --show` prints it).", err=True)
+                return
         if show:
             estimator = ExecutionTimeEstimator.for_engine(engine, path=out, press=press)
             assert estimator.profile is not None
