@@ -49,7 +49,7 @@ OUT_MD = ROOT / "docs" / "results" / "rlp_table.md"
 OUT_PNG = ROOT / "docs" / "results" / "rlp_pred_vs_true.png"
 PROVISIONAL_NOTE = (
     "**Provisional protocol.** The fixed calibration/train splits were not labelled yet when this ran, so "
-    "all labelled prompts (so far: the fixed *test* split's first ones) were dealt 50/25/25 % into "
+    "all labelled prompts (the first labelling rounds) were dealt 50/25/25 % into "
     "train/calibration/test by a seeded hash (`experiment._provisional_splits`): still disjoint, but small. "
     "Rerun once labelling is done; training then uses the fixed splits by itself."
 )

@@ -18,7 +18,11 @@ from pathlib import Path
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 DEFAULT_RLP_FILE = DATA_DIR / "predictor-smollm2-135m.pt"
 DEFAULT_PROBE_FILE = DATA_DIR / "probe-smollm2-135m.pt"
-DEFAULT_PREDICTOR_FILE = DEFAULT_RLP_FILE  # what TimeBill loads when no predictor is named
+# What TimeBill loads when no predictor is named: the probe. It reads the hidden state the target's own
+# prefill computes anyway (1.7 ms after prefill vs 524 ms for the RLP's separate forward on a 2k-token
+# prompt, which on 2 cores competes with the prefill) and scored the lower test MAE
+# (docs/results/rlp_table.md, docs/results/planner_overhead.txt).
+DEFAULT_PREDICTOR_FILE = DEFAULT_PROBE_FILE
 
 
 def load_predictor(path: str | os.PathLike[str], engine: object, target_engine: object | None = None) -> object:
