@@ -128,3 +128,17 @@ def test_bad_inputs_are_clear_errors(timebill: TimeBill, kwargs: dict) -> None:
 def test_empty_prompt_is_a_clear_error(timebill: TimeBill) -> None:
     with pytest.raises(InvalidInputError, match="empty"):
         timebill.generate("  ", time_budget=5.0)
+
+
+def test_parallel_rlp_on_the_shared_backbone_does_not_disturb_the_prefill(engine, estimator):
+    """The paper's arrangement: the RLP's forward runs on the same model in a thread beside the
+    prefill, whose kvpress hooks must ignore it (they once crashed on its cache-less forward)."""
+    from timebill.predictor import DEFAULT_RLP_FILE, load_predictor
+
+    rlp = load_predictor(DEFAULT_RLP_FILE, engine)
+    tb = TimeBill(engine, estimator, rlp, arrangement="parallel", replan=False)
+    result = tb.generate(PROMPT, 30.0, max_new_tokens=8, alpha_max=0.5)
+    assert result.arrangement == "parallel"
+    assert result.plan.n_hat == max(rlp.predict(PROMPT).point, 1.0)  # the prediction was not disturbed
+    vanilla = engine.generate(PROMPT, alpha=result.alpha, max_new_tokens=8)
+    assert result.generation.token_ids == vanilla.token_ids  # nor was the prefill's KV and its eviction

@@ -24,6 +24,7 @@ Prompts no longer than the window use a window of ``n_x - 1`` tokens.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -65,6 +66,18 @@ class _ScoreRecorder(BasePress):
 
     inner: ScorerPress = field(default_factory=SnapKVPress)
     scores: dict[int, torch.Tensor] = field(default_factory=dict)
+    owner: int | None = None  # the thread whose prefill is recorded
+
+    def forward_hook(self, module, input, kwargs, output):  # noqa: ANN001, ANN201 - torch hook API
+        """kvpress's hook, for the owner thread's cached forwards only.
+
+        Hooks live on the (shared) modules, not on a thread: when the paper's RLP runs on the same
+        backbone in a thread beside the prefill (the ``parallel`` arrangement), its forward passes
+        through these hooks too and must neither be recorded nor touch a cache it does not have.
+        """
+        if (self.owner is not None and threading.get_ident() != self.owner) or kwargs.get("past_key_values") is None:
+            return output
+        return super().forward_hook(module, input, kwargs, output)
 
     def compress(self, module, hidden_states, keys, values, attentions, kwargs):  # noqa: ANN001 - kvpress API
         q_len = hidden_states.shape[1]
@@ -80,7 +93,7 @@ class _ScoreRecorder(BasePress):
 @contextmanager
 def capture_scores(model: nn.Module, press: ScorerPress) -> Iterator[dict[int, torch.Tensor]]:
     """Within the block, a prefill forward records per-layer scores into the yielded dict."""
-    recorder = _ScoreRecorder(inner=press)
+    recorder = _ScoreRecorder(inner=press, owner=threading.get_ident())
     with recorder(model):
         yield recorder.scores
 

@@ -135,7 +135,9 @@ def _parse_record(line: str) -> LengthLabel:
 
 def _rewrite_atomically(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
     try:
+        os.chmod(tmp, mode)  # mkstemp makes 0600: keep the file readable as it was
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
