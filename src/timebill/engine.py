@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -40,6 +41,11 @@ logger = logging.getLogger(__name__)
 STOP_EOS = "eos"
 STOP_MAX_TOKENS = "max_tokens"
 STOP_DEADLINE = "deadline"
+# The deadline guard expects the next decode step to take up to this many times the longest of the last
+# GUARD_WINDOW steps: step times jitter by a few percent here, and "the last step's duration" alone let 1
+# of 100 tight requests end 0.2 ms late (benchmarks/planner_overhead.py).
+GUARD_STEP_MARGIN = 1.1
+GUARD_WINDOW = 4
 STOP_CANCELLED = "cancelled"  # the caller's should_stop() said so (e.g. a server client disconnected)
 
 CHAT_ROLES = ("system", "developer", "user", "assistant")
@@ -401,8 +407,8 @@ class Engine:
     ) -> tuple[list[int], list[float], list[float], str]:
         """Decode after prefill; returns (token ids, token times since start, step durations, stop reason).
 
-        The deadline guard stops *before* a step whose expected end (now + last step's duration)
-        would pass ``t_start + deadline_s``. ``on_step(i, now, state)`` runs between tokens (the
+        The deadline guard stops *before* a step whose expected end (now + 1.1 × the longest of the
+        last 4 steps) would pass ``t_start + deadline_s``. ``on_step(i, now, state)`` runs between tokens (the
         re-planning hook); it may call :meth:`evict`. ``on_token(token_id)`` runs as each token is
         produced (streaming; the end-of-turn token included). ``should_stop()`` is asked between tokens;
         True ends decoding with ``stop_reason="cancelled"`` (a server whose client went away frees the
@@ -440,7 +446,7 @@ class Engine:
         stop_ids = self.stop_ids
         self.begin_decode(state, max_new_tokens)
         position = state.prompt_tokens  # RoPE position of the next input token (original numbering)
-        last_step = self.last_step_s
+        recent = deque([self.last_step_s], maxlen=GUARD_WINDOW)  # step durations the guard expects from
         token = first
         stop = STOP_MAX_TOKENS
         for i in range(1, max_new_tokens):
@@ -449,15 +455,16 @@ class Engine:
             if should_stop is not None and should_stop():
                 stop = STOP_CANCELLED
                 break
-            if now + last_step > deadline_at:
+            start = time.perf_counter()  # fresh: the hooks above (a re-planning eviction) took time too
+            if start + GUARD_STEP_MARGIN * max(recent) > deadline_at:
                 stop = STOP_DEADLINE
                 break
             logits = self.decode_step(state, token, position)
             nxt = int(logits.argmax()) if generator is None else _sample(logits, sampling, generator)
-            t = time.perf_counter()
-            last_step = t - now
-            now = t
-            steps.append(last_step)
+            now = time.perf_counter()
+            step = now - start
+            recent.append(step)
+            steps.append(step)
             tokens.append(nxt)
             times.append(now - state.t_start)
             if on_token is not None:
