@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from typing import Any
 from timebill.bench.methods import K_SWEEP, Method, Resources, k_sweep_method, method_registry
 from timebill.bench.suite import Suite, Task
 from timebill.errors import InvalidInputError, TimeBillError
+from timebill.paths import fsync_dir, write_bytes_atomically
 
 MANIFEST_VERSION = 1
 BUDGET_QUANTILES = (0.2, 0.35, 0.5, 0.65, 0.8, 0.95)
@@ -91,28 +91,6 @@ def run_key(method: str, task_id: str, budget_s: float | None) -> str:
 
 
 # --------------------------------------------------------------------------------------- run files
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def read_runs(path: Path, repair: bool = False) -> dict[str, dict[str, Any]]:
     """Records of one run file by key (a later line wins). A torn last line is ignored (and cut with ``repair``).
 
@@ -132,7 +110,7 @@ def read_runs(path: Path, repair: bool = False) -> dict[str, dict[str, Any]]:
             lines.pop()
             torn = True
     if torn and repair:
-        _write_atomically(path, b"".join(line + b"\n" for line in lines))
+        write_bytes_atomically(path, b"".join(line + b"\n" for line in lines))
     records: dict[str, dict[str, Any]] = {}
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -170,7 +148,7 @@ class RunStore:
             f.flush()
             os.fsync(f.fileno())
         if new:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
 
 
 # ------------------------------------------------------------------------------------------ manifest
@@ -185,7 +163,7 @@ def load_manifest(out_dir: Path) -> dict[str, Any] | None:
 
 
 def save_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
-    _write_atomically(out_dir / "manifest.json", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    write_bytes_atomically(out_dir / "manifest.json", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
 
 
 def check_manifest(found: dict[str, Any], expected: dict[str, Any], out_dir: Path) -> None:

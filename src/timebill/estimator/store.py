@@ -30,7 +30,7 @@ from typing import Any
 
 from timebill.errors import InvalidInputError, ProfileError
 from timebill.estimator.fit import Fit, fit_from_dict
-from timebill.paths import cache_dir
+from timebill.paths import cache_dir, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -342,16 +342,6 @@ def list_profiles(directory: str | os.PathLike[str] | None = None) -> list[tuple
     return found
 
 
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not possible on every platform/filesystem, hence best effort.
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _finite_or_none(value: Any) -> Any:
     """Copy of a JSON-like value with every non-finite float replaced by None."""
     if isinstance(value, float):
@@ -397,7 +387,7 @@ def save_profile(profile: Profile, path: str | os.PathLike[str] | None = None) -
         if isinstance(exc, OSError):
             raise ProfileError(f"cannot write profile to {target}: {exc}") from exc
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     return target
 
 

@@ -28,13 +28,10 @@ labelled and never writes one twice.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import sys
-import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass
@@ -49,7 +46,9 @@ from transformers.masking_utils import sdpa_mask
 
 from timebill.engine import STOP_EOS, STOP_MAX_TOKENS, Engine
 from timebill.errors import PredictorError
+from timebill.paths import write_bytes_atomically
 from timebill.predictor.data import Conversation
+from timebill.predictor.features import cpu_lock as cpu_lock_holder
 
 FORMAT_VERSION = 1
 DEFAULT_CAP_TOKENS = 1024
@@ -134,23 +133,7 @@ def _parse_record(line: str) -> LengthLabel:
 
 
 def _rewrite_atomically(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    try:
-        os.chmod(tmp, mode)  # mkstemp makes 0600: keep the file readable as it was
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_bytes_atomically(path, data, mode=path.stat().st_mode & 0o777 if path.exists() else 0o644)
 
 
 def read_label_file(path: str | os.PathLike[str], repair: bool = False) -> tuple[dict | None, list[LengthLabel]]:
@@ -205,31 +188,6 @@ def _append(f, records: Sequence[LengthLabel]) -> None:  # noqa: ANN001 - binary
     f.write("".join(r.to_json() + "\n" for r in records).encode())
     f.flush()
     os.fsync(f.fileno())
-
-
-# ---------------------------------------------------------------------------------------- the lock
-@contextmanager
-def _cpu_lock_holder(lock_path: str | os.PathLike[str] | None) -> Iterator[Callable[[], object]]:
-    """Yields ``hold()``: a context manager taking an exclusive flock on ``lock_path`` (none: no-op).
-
-    Labelling is hours of CPU work on a machine where others time benchmarks; holding a shared
-    lock per batch (and releasing it between batches) lets them interleave without being disturbed.
-    """
-    if lock_path is None:
-        yield _no_lock
-        return
-    with open(lock_path, "a") as lock_file:
-
-        @contextmanager
-        def hold() -> Iterator[None]:
-            fcntl.flock(lock_file, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock_file, fcntl.LOCK_UN)
-                time.sleep(0.05)  # let a waiting process in before we take the lock again
-
-        yield hold
 
 
 # ------------------------------------------------------------------------------------- generation
@@ -680,7 +638,7 @@ def label_lengths(
 
     with (
         out.open("ab") as f,
-        _cpu_lock_holder(cpu_lock) as hold,
+        cpu_lock_holder(cpu_lock) as hold,
         tqdm(total=len(prompts), unit="prompt", desc="labelling", disable=not progress, file=sys.stderr) as bar,
     ):
         if header is None:
