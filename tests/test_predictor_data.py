@@ -247,3 +247,51 @@ def test_merging_shard_files_adds_only_missing_labels_and_refuses_other_settings
     other.write_text(json.dumps({**header, "cap_tokens": 16}) + "\n")
     with pytest.raises(PredictorError, match="cap_tokens"):
         merge_label_files(main, [other])
+
+
+@pytest.mark.slow
+def test_prompts_labelled_elsewhere_match_the_cpu_labeller_and_merge_back(engine, tmp_path):
+    """The export → scripts/label_on_accelerator.py → merge path gives the CPU labeller's labels.
+
+    Runs the script for real (``--device cpu``: CI has no GPU; the GPU difference is the device string).
+    """
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from timebill.predictor.labelling import export_prompts, label_agreement, merge_label_files
+
+    prompts, cpu, remote = tmp_path / "prompts.jsonl", tmp_path / "cpu.jsonl", tmp_path / "remote.jsonl"
+    conversations = CONVERSATIONS[:3]
+    assert export_prompts(engine, [conversations[:2], conversations[1:]], prompts, CAP) == 3  # duplicates once
+    lines = [json.loads(line) for line in prompts.read_text().splitlines()]
+    assert lines[0]["label_header"]["cap_tokens"] == CAP
+    assert [line["ids"] for line in lines[1:]] == [engine.encode(c.prompt) for c in conversations]
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "label_on_accelerator.py"
+    gguf = Path(engine.source.location) / engine.source.gguf_file
+    command = [sys.executable, str(script), "--prompts", str(prompts), "--gguf", str(gguf), "--out", str(remote)]
+    done = subprocess.run(
+        [*command, "--device", "cpu", "--workers", "1", "--max-rows", "2"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    header, remote_labels = read_label_file(remote)
+    assert header["labelled_on"].startswith("cpu;") and {r.device for r in remote_labels} == {"cpu"}
+
+    cpu_labels = label_lengths(engine, [conversations[:1]], cpu, CAP, batch_size=2, progress=False)
+    agreement = label_agreement(cpu_labels, remote_labels)
+    assert agreement.common == 1 and agreement.same_length == 1, agreement
+    assert merge_label_files(cpu, [remote]) == (2, 1)
+    merged = read_label_file(cpu)[1]
+    assert sorted(r.index for r in merged) == sorted(c.index for c in conversations)
+    assert [r.device for r in merged] == [None, "cpu", "cpu"]  # provenance survives the merge
+
+
+def test_label_records_round_trip_the_optional_device_field():
+    plain, remote = LengthLabel(1, 5, "eos", 20), LengthLabel(2, 8, "max_tokens", 9, device="cuda")
+    assert "device" not in plain.to_json()
+    from timebill.predictor.labelling import _parse_record
+
+    assert _parse_record(plain.to_json()) == plain and _parse_record(remote.to_json()) == remote
+    with pytest.raises(ValueError):
+        _parse_record('{"index":1,"length":5,"stop_reason":"eos","prompt_tokens":2,"device":3}')

@@ -276,21 +276,57 @@ def _parse_shard(text: str) -> tuple[int, int]:
     return which, count
 
 
+@rlp_app.command("export")
+def rlp_export(
+    out: Annotated[str, typer.Option(help="Where to write the tokenized prompts (JSONL).")],
+    n: Annotated[int, typer.Option(help="Prompts in labelling order (test/cal/train rounds, then pool).")] = 5000,
+    cap: Annotated[int, typer.Option(help="Most new tokens per response (N_cap).")] = 1024,
+    model: Annotated[str | None, typer.Option(help="Target model (default: SmolLM2-135M).")] = None,
+    max_prompt_tokens: Annotated[
+        int, typer.Option("--max-prompt-tokens", help="Drop longer prompts (chat template included).")
+    ] = 2048,
+    skip_labelled: Annotated[
+        list[str] | None, typer.Option("--skip-labelled", help="Label files whose prompts to leave out.")
+    ] = None,
+) -> None:
+    """Export tokenized prompts to label on a GPU machine (scripts/label_on_accelerator.py), then `rlp merge`."""
+    from timebill.predictor.data import labelling_groups, load_sharegpt, split_conversations
+    from timebill.predictor.labelling import export_prompts, read_label_file
+
+    try:
+        from timebill.engine import Engine
+
+        groups = labelling_groups(split_conversations(load_sharegpt(max_prompt_tokens)), n)
+        skip: set[int] = set()
+        for path in skip_labelled or []:
+            skip |= {r.index for r in read_label_file(path)[1]}
+        count = export_prompts(Engine.load(model, fast=False), groups, out, cap, skip=skip)
+    except TimeBillError as exc:
+        _fail(exc)
+        return
+    typer.echo(f"{out}: {count} prompts")
+
+
 @rlp_app.command("merge")
 def rlp_merge(
     sources: Annotated[list[str], typer.Argument(help="Label files to merge in (e.g. shard files).")],
     into: Annotated[str | None, typer.Option(help="Label file to extend (default: the packaged one).")] = None,
 ) -> None:
     """Merge label files of the same labelling (parallel shards) into one, atomically."""
-    from timebill.predictor.labelling import DEFAULT_LABELS_FILE, merge_label_files
+    from timebill.predictor.labelling import DEFAULT_LABELS_FILE, label_agreement, merge_label_files, read_label_file
 
     target = into or DEFAULT_LABELS_FILE
     try:
+        before = read_label_file(target)[1]
+        for source in sources:  # the same prompt labelled twice (e.g. CPU vs GPU): how often they agree
+            agreement = label_agreement(before, read_label_file(source)[1])
+            if agreement.common:
+                typer.echo(f"{source} vs {target}: {agreement.describe()}")
         added, duplicates = merge_label_files(target, sources)
     except TimeBillError as exc:
         _fail(exc)
         return
-    typer.echo(f"{target}: {added} labels added, {duplicates} already present")
+    typer.echo(f"{target}: {added} labels added, {duplicates} already present (kept as they were)")
 
 
 @rlp_app.command("train")

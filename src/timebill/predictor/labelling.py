@@ -74,9 +74,15 @@ class LengthLabel:
     length: int  # generated tokens up to and including the stop token; == cap when cut
     stop_reason: str  # eos | max_tokens
     prompt_tokens: int  # chat-templated prompt length
+    # Where the label was made when not this package's CPU labeller (e.g. "cuda" for
+    # scripts/label_on_accelerator.py); omitted from the record when None.
+    device: str | None = None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        data = asdict(self)
+        if data["device"] is None:
+            del data["device"]
+        return json.dumps(data, separators=(",", ":"))
 
 
 # ------------------------------------------------------------------------------------------ header
@@ -123,7 +129,10 @@ def _parse_record(line: str) -> LengthLabel:
         length=data["length"],
         stop_reason=data["stop_reason"],
         prompt_tokens=data["prompt_tokens"],
+        device=data.get("device"),
     )
+    if label.device is not None and not isinstance(label.device, str):
+        raise ValueError(f"not a valid label record (device must be a string): {line!r}")
     ints_ok = all(
         isinstance(v, int) and not isinstance(v, bool) for v in (label.index, label.length, label.prompt_tokens)
     )
@@ -689,3 +698,88 @@ def merge_label_files(into: str | os.PathLike[str], sources: Sequence[str | os.P
     if added:
         _rewrite_atomically(into, into.read_bytes() + "".join(r.to_json() + "\n" for r in added).encode())
     return len(added), duplicates
+
+
+# ------------------------------------------------------------------------- labelling elsewhere
+EXPORT_FORMAT = "timebill-label-prompts/1"
+
+
+def export_prompts(
+    engine: Engine,
+    groups: Sequence[Sequence[Conversation]],
+    out: str | os.PathLike[str],
+    cap_tokens: int = DEFAULT_CAP_TOKENS,
+    skip: set[int] | None = None,
+) -> int:
+    """Write the chat-templated token ids of ``groups`` for labelling on another machine; returns the count.
+
+    Why: labelling is ~600 generated tokens per prompt, hours on a 2-core CPU but minutes on a GPU,
+    and a GPU machine may lack this package's pins (kvpress, transformers) and the tokenizer files.
+    So the prompts travel already tokenized by *this* engine (the same ids the CPU labeller would
+    feed), with the label-file header the results must carry to be merged back
+    (``timebill rlp merge``), and ``scripts/label_on_accelerator.py`` needs only torch + transformers.
+    The file is JSON Lines: a header line, then ``{"index", "group", "ids"}`` per prompt, in
+    labelling order (``group`` = position of its labelling group: earlier groups matter more).
+    """
+    if isinstance(cap_tokens, bool) or not isinstance(cap_tokens, int) or cap_tokens < 1:
+        raise PredictorError(f"cap_tokens must be an integer >= 1, got {cap_tokens!r}")
+    lines = [
+        json.dumps(
+            {
+                "format": EXPORT_FORMAT,
+                "label_header": label_header(engine, cap_tokens),
+                "pad_token_id": _pad_id(engine),
+                "stop_token_ids": sorted(int(t) for t in engine.stop_ids),
+                "context_length": int(engine.context_length),
+            }
+        )
+    ]
+    seen = set(skip or ())
+    for number, group in enumerate(groups):
+        for conversation in group:
+            if conversation.index in seen:
+                continue
+            seen.add(conversation.index)
+            ids = engine.encode(conversation.prompt)
+            if len(ids) + cap_tokens > engine.context_length:
+                raise PredictorError(
+                    f"Prompt {conversation.index} has {len(ids)} tokens; with {cap_tokens} new tokens it "
+                    f"exceeds the model's context ({engine.context_length})."
+                )
+            lines.append(json.dumps({"index": conversation.index, "group": number, "ids": ids}, separators=(",", ":")))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomically(out, ("\n".join(lines) + "\n").encode())
+    return len(lines) - 1
+
+
+@dataclass(frozen=True)
+class LabelAgreement:
+    """How two label files agree on the prompts both labelled (e.g. CPU vs GPU labels)."""
+
+    common: int
+    same_length: int
+    same_stop_reason: int
+    mean_abs_diff: float
+
+    def describe(self) -> str:
+        if not self.common:
+            return "no prompt labelled in both"
+        return (
+            f"{self.common} prompts in both: {self.same_length / self.common:.1%} same length, "
+            f"{self.same_stop_reason / self.common:.1%} same stop reason, mean |Δlength| {self.mean_abs_diff:.1f}"
+        )
+
+
+def label_agreement(a: Sequence[LengthLabel], b: Sequence[LengthLabel]) -> LabelAgreement:
+    """Agreement of two labellings; greedy decoding diverges at near-ties when arithmetic differs."""
+    by_index = {r.index: r for r in a}
+    pairs = [(by_index[r.index], r) for r in b if r.index in by_index]
+    if not pairs:
+        return LabelAgreement(0, 0, 0, 0.0)
+    return LabelAgreement(
+        common=len(pairs),
+        same_length=sum(x.length == y.length for x, y in pairs),
+        same_stop_reason=sum(x.stop_reason == y.stop_reason for x, y in pairs),
+        mean_abs_diff=sum(abs(x.length - y.length) for x, y in pairs) / len(pairs),
+    )
