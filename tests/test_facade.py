@@ -69,6 +69,18 @@ def test_infeasible_budget_is_refused_before_any_work(timebill: TimeBill, monkey
     assert time.perf_counter() - t0 < 1.0
 
 
+def test_an_infeasible_short_prompt_is_not_gutted_for_nothing(engine, estimator) -> None:
+    """No α fits (a 1024-token worst case in 3 s): by default keep the prompt, since α_max buys ~nothing."""
+    estimator.reset_recalibration()
+    tb = TimeBill(engine, estimator, ConstantPredictor(1024), arrangement="sequential")
+    budget = estimator.prefill_s(40) + 20 * estimator.step_s(40)  # prefill fits, 1024 steps do not
+    ours = tb.plan("Explain KV caches in one paragraph.", time_budget=budget, max_new_tokens=1024)
+    paper = tb.plan("Explain KV caches in one paragraph.", time_budget=budget, max_new_tokens=1024, infeasible_slack=0)
+    assert not ours.feasible and not paper.feasible
+    assert paper.alpha == 0.95 and ours.alpha < 0.5
+    assert ours.predicted_wcet_s <= paper.predicted_wcet_s * 1.02 + 1e-9
+
+
 def test_dry_run_plan_does_not_generate(timebill: TimeBill) -> None:
     plan = timebill.plan(PROMPT, time_budget=5.0, max_new_tokens=64)
     assert plan.n_worst == min(24 * 5, 64) and 0.0 <= plan.alpha <= 0.95
@@ -118,6 +130,8 @@ def test_no_replanning_when_on_time(timebill: TimeBill) -> None:
         {"time_budget": 5.0, "alpha_max": 0.0},
         {"time_budget": 5.0, "bound": "magic"},
         {"time_budget": 5.0, "max_new_tokens": 0},
+        {"time_budget": 5.0, "infeasible_slack": -0.5},
+        {"time_budget": 5.0, "infeasible_slack": float("nan")},
     ],
 )
 def test_bad_inputs_are_clear_errors(timebill: TimeBill, kwargs: dict) -> None:

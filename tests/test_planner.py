@@ -346,6 +346,47 @@ def test_infeasible_flag_matches_wcet_at_alpha_max_on_random_cases() -> None:
             assert result.alpha == ALPHA_MAX
 
 
+# SmolLM2-135M on this CPU, roughly: a decode step ~26 ms, almost all of it weights (q).
+SMALL_CPU = TimeCoefficients(a=2e-8, b=4e-4, c=0.02, p=6e-6, q=0.026)
+
+
+def test_infeasible_short_prompt_keeps_the_prompt_when_eviction_buys_nothing() -> None:
+    """A 39-token prompt and a 5 s budget that 1024 worst-case tokens cannot meet: α_max saves <1 % of a step."""
+    paper = plan(SMALL_CPU, 39, 5.0, 1024.0, n_max=1024, infeasible_slack=0.0)
+    ours = plan(SMALL_CPU, 39, 5.0, 1024.0, n_max=1024, infeasible_slack=0.02)
+    assert not paper.feasible and paper.alpha == ALPHA_MAX
+    assert not ours.feasible and ours.alpha == 0.0
+    assert ours.predicted_wcet_s <= paper.predicted_wcet_s * 1.02
+    assert ours.earliest_feasible_budget_s == paper.earliest_feasible_budget_s
+
+
+def test_infeasible_long_prompt_takes_the_smallest_alpha_within_the_slack() -> None:
+    """Where eviction does buy time, the rule stops at the knee, not at α = 0 and not at α_max."""
+    n_x, n_hat, budget, slack = 30000, 1000.0, 5.0, 0.02
+    result = plan(REALISTIC, n_x, budget, n_hat, n_max=8192, infeasible_slack=slack)
+    at_max = plan(REALISTIC, n_x, budget, n_hat, n_max=8192, infeasible_slack=0.0)
+    assert not result.feasible and 0.0 < result.alpha < ALPHA_MAX
+    n_worst = worst_case_length(n_hat, 5.0, 8192)
+    target = at_max.predicted_wcet_s * (1 + slack)
+    assert e2e_s(REALISTIC, n_x, result.alpha, n_worst) <= target
+    assert e2e_s(REALISTIC, n_x, result.alpha - 1e-3, n_worst) > target  # minimal, up to rounding
+    assert result.earliest_feasible_budget_s == pytest.approx(at_max.earliest_feasible_budget_s)
+
+
+def test_slack_never_changes_a_feasible_plan_and_must_be_non_negative() -> None:
+    for coef, n_x, n_worst, t_predict, budget, _ in random_cases():
+        kwargs = {"n_max": 8192, "n_worst": n_worst, "t_predict_s": t_predict}
+        paper = plan(coef, n_x, budget, 1.0, infeasible_slack=0.0, **kwargs)
+        ours = plan(coef, n_x, budget, 1.0, infeasible_slack=0.05, **kwargs)
+        assert ours.feasible == paper.feasible
+        if paper.feasible:
+            assert ours == paper
+        else:
+            assert ours.alpha <= paper.alpha
+    with pytest.raises(InvalidInputError, match="infeasible_slack"):
+        plan(REALISTIC, 100, 1.0, 10.0, n_max=64, infeasible_slack=-0.1)
+
+
 def test_no_benefit_from_eviction_when_step_time_is_flat() -> None:
     flat = TimeCoefficients(a=0.0, b=1e-5, c=0.01, p=0.0, q=0.02)
     assert solve_alpha(flat, 1000, 10.0, 100) == (0.0, True)

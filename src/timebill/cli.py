@@ -50,6 +50,7 @@ def _generate_budgeted(  # noqa: PLR0913 - mirrors the CLI flags one to one
     alpha_max: float | None,
     bound: str | None,
     delta: float | None,
+    infeasible_slack: float | None,
     replan: bool,
     dry_run: bool,
     chat: bool,
@@ -66,7 +67,14 @@ def _generate_budgeted(  # noqa: PLR0913 - mirrors the CLI flags one to one
         if not text.strip():
             raise InvalidInputError("The prompt is empty; give some text to answer.")
         tb = TimeBill.load(model, threads=threads, weights=weights, profile=profile, predictor=predictor)
-        opts = {"max_new_tokens": max_new_tokens, "k": k, "alpha_max": alpha_max, "bound": bound, "delta": delta}
+        opts = {
+            "max_new_tokens": max_new_tokens,
+            "k": k,
+            "alpha_max": alpha_max,
+            "bound": bound,
+            "delta": delta,
+            "infeasible_slack": infeasible_slack,
+        }
         if dry_run:
             plan = tb.plan(text, budget_s, chat=chat, **opts)
             typer.echo(json.dumps(plan.__dict__) if as_json else plan.summary_line())
@@ -117,6 +125,14 @@ def generate(
     alpha_max: Annotated[float | None, typer.Option("--alpha-max", help="Largest eviction ratio.")] = None,
     bound: Annotated[str | None, typer.Option(help="Worst-case length bound: k | conformal.")] = None,
     delta: Annotated[float | None, typer.Option(help="Miss probability for --bound conformal.")] = None,
+    infeasible_slack: Annotated[
+        float | None,
+        typer.Option(
+            "--infeasible-slack",
+            help="When no α fits: smallest α within this fraction of α_max's worst case (default 0.02; "
+            "0 = the paper's rule, α_max).",
+        ),
+    ] = None,
     replan: Annotated[bool, typer.Option("--replan/--no-replan", help="Closed-loop re-planning.")] = True,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan without generating.")] = False,
     profile: Annotated[str | None, typer.Option(help="Estimator profile file (default: this setup's).")] = None,
@@ -139,6 +155,7 @@ def generate(
             alpha_max,
             bound,
             delta,
+            infeasible_slack,
             replan,
             dry_run,
             not raw,

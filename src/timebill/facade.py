@@ -184,6 +184,7 @@ class TimeBill:
         bound: str = "k",
         delta: float = 0.05,
         replan: bool = True,
+        infeasible_slack: float = planner.DEFAULT_INFEASIBLE_SLACK,
         replan_every: int = 4,
         arrangement: str = "probe",
         press: str = "snapkv",
@@ -191,7 +192,14 @@ class TimeBill:
         self.engine = engine
         self.estimator = estimator
         self.predictor = predictor
-        self.defaults = {"k": k, "alpha_max": alpha_max, "bound": bound, "delta": delta, "replan": replan}
+        self.defaults = {
+            "k": k,
+            "alpha_max": alpha_max,
+            "bound": bound,
+            "delta": delta,
+            "replan": replan,
+            "infeasible_slack": infeasible_slack,
+        }
         self.replan_every = int(replan_every)
         if arrangement not in ARRANGEMENTS:
             raise InvalidInputError(f"arrangement must be one of {ARRANGEMENTS}, got {arrangement!r}")
@@ -234,6 +242,9 @@ class TimeBill:
             raise InvalidInputError(f"bound must be one of {BOUNDS}, got {opts['bound']!r}")
         if not (isinstance(delta, (int, float)) and 0 < delta < 1):
             raise InvalidInputError(f"delta must be in (0, 1), got {delta!r}")
+        slack = opts["infeasible_slack"]
+        if isinstance(slack, bool) or not (isinstance(slack, (int, float)) and math.isfinite(slack) and slack >= 0):
+            raise InvalidInputError(f"infeasible_slack must be a number >= 0 (0: the paper's rule), got {slack!r}")
         return opts
 
     def _n_worst(self, prediction: LengthPredictionLike, opts: dict[str, Any], n_max: int) -> tuple[float, int]:
@@ -275,6 +286,7 @@ class TimeBill:
             alpha_max=opts["alpha_max"],
             bound=opts["bound"],
             n_worst=n_worst,
+            infeasible_slack=opts["infeasible_slack"],
         )
         n_expected = max(1, min(math.ceil(n_hat), n_max))
         expected = (p.t_predict_s + planner.e2e_s(coef, n_x, p.alpha, n_expected)) if p.feasible else p.predicted_wcet_s
@@ -354,10 +366,11 @@ class TimeBill:
         delta: float | None = None,
         chat: bool = True,
         prediction: LengthPredictionLike | None = None,
+        infeasible_slack: float | None = None,
     ) -> RequestPlan:
         """The plan without generating (the prediction runs unless ``prediction`` is given; the model does not)."""
         budget_s = parse_budget(time_budget)
-        opts = self._options(k=k, alpha_max=alpha_max, bound=bound, delta=delta)
+        opts = self._options(k=k, alpha_max=alpha_max, bound=bound, delta=delta, infeasible_slack=infeasible_slack)
         _check_max_new_tokens(max_new_tokens)
         ids, text = self._encode(prompt, chat)
         with self._estimator_lock:
@@ -392,6 +405,7 @@ class TimeBill:
         on_plan: Callable[[RequestPlan], None] | None = None,
         on_token: Callable[[int], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        infeasible_slack: float | None = None,
     ) -> TimeBillResult:
         """Answer ``prompt`` within ``time_budget`` seconds (from ``t_start``, default: now).
 
@@ -403,12 +417,16 @@ class TimeBill:
         ``press``: the eviction method for this request (default: this TimeBill's); the time model stays
         the profiled one. ``on_plan(plan)`` runs once after planning, before the first decode step;
         ``on_token(token_id)`` as each token is produced; ``should_stop()`` between tokens (True ends the
-        answer with ``stop_reason="cancelled"``).
+        answer with ``stop_reason="cancelled"``). ``infeasible_slack``: when no α fits the budget, run at the
+        smallest α whose worst case is within this fraction of α_max's (default 0.02; 0 is the paper's
+        rule, α_max).
         """
         t_called = time.perf_counter()
         t_start = t_called if t_start is None else t_start
         budget_s = parse_budget(time_budget)
-        opts = self._options(k=k, alpha_max=alpha_max, bound=bound, delta=delta, replan=replan)
+        opts = self._options(
+            k=k, alpha_max=alpha_max, bound=bound, delta=delta, replan=replan, infeasible_slack=infeasible_slack
+        )
         _check_max_new_tokens(max_new_tokens)
         sampling = SamplingConfig(temperature, top_p, seed)
         sampling.validate()

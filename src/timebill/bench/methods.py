@@ -212,6 +212,8 @@ class TimeBillMethod(Method):
     bound: str = "k"
     replan: bool = False
     budgeted: bool = True
+    # The paper's rule when no α fits (run at α_max); the library's default picks a smaller α instead.
+    infeasible_slack: float = 0.0
 
     def run(self, resources: Resources, task: Task, budget_s: float | None) -> dict[str, Any]:
         if budget_s is None:
@@ -227,6 +229,7 @@ class TimeBillMethod(Method):
                 bound=self.bound,
                 replan=self.replan,
                 chat=task.chat,
+                infeasible_slack=self.infeasible_slack,
             )
         except InfeasibleBudgetError as exc:
             return {
