@@ -114,6 +114,34 @@ def test_replanning_evicts_more_when_steps_slow_down(timebill: TimeBill) -> None
     assert result.measured_e2e_s <= budget * 1.05
 
 
+def test_replanning_does_not_gut_a_short_prompt_for_nothing(timebill: TimeBill) -> None:
+    """Behind schedule on a 20-token prompt: the paper's rule evicts toward α_max, ours keeps the prompt."""
+    engine = timebill.engine
+    prompt = "Name a colour."
+    n_x = len(engine.encode(prompt))
+    stop_ids = engine.stop_ids
+    engine.stop_ids = set()
+    try:
+        free = timebill.generate(prompt, time_budget=60.0, max_new_tokens=32, replan=False)
+        step = sorted(free.generation.step_times_s)[len(free.generation.step_times_s) // 2]
+        budget = free.measured_e2e_s * 1.5  # room at the start (α = 0), not after a 5x slowdown
+
+        def slow(i: int) -> None:
+            if i >= 4:
+                time.sleep(step * 4.0)
+
+        kwargs = {"time_budget": budget, "max_new_tokens": 32, "step_hook": slow, "replan": True}
+        paper = timebill.generate(prompt, infeasible_slack=0.0, **kwargs)
+        ours = timebill.generate(prompt, **kwargs)
+    finally:
+        engine.stop_ids = stop_ids
+    assert paper.plan.alpha == 0.0 and ours.plan.alpha == 0.0
+    assert paper.replans and paper.generation.kept_kv_tokens < n_x  # evicted toward α_max mid-decode
+    assert not ours.replans and ours.generation.kept_kv_tokens == n_x
+    for result in (paper, ours):
+        assert result.deadline_met or result.stop_reason == "deadline"
+
+
 def test_no_replanning_when_on_time(timebill: TimeBill) -> None:
     result = timebill.generate(PROMPT, time_budget=30.0, max_new_tokens=24, replan=True)
     assert result.replans == []

@@ -537,6 +537,7 @@ class TimeBill:
         measured: list[tuple[int, float]] = []  # (kv tokens during the step, seconds)
         estimator = self.estimator
         alpha_max = opts["alpha_max"]
+        slack = float(opts["infeasible_slack"])
 
         def hook(i: int, now: float, st: PrefillState) -> None:
             if last_now:
@@ -570,6 +571,13 @@ class TimeBill:
             max_extra = 1.0 - (1.0 - alpha_max) / (1.0 - current_alpha) if current_alpha < alpha_max else 0.0
             if max_extra <= 0 or st.prompt_kv_len <= 1:
                 return
+            kept_at_max = st.prompt_kv_len * (1.0 - max_extra)
+            if slack > 0 and prompt_allowed < kept_at_max:
+                # Even α_max cannot make it: as in the plan, evict only as far as buys more than `slack`
+                # of the remaining time (on a short prompt that is nothing; the guard ends the answer).
+                fixed_s = r * q + p * r * (r - 1) / 2
+                t_at_max = fixed_s + p * r * (kept_at_max + generated)
+                prompt_allowed = max(prompt_allowed, (t_at_max * (1 + slack) - fixed_s) / (p * r) - generated)
             extra = 1.0 - max(prompt_allowed, 0.0) / st.prompt_kv_len
             extra = min(max(extra, 0.0), max_extra)
             if extra * st.prompt_kv_len < 1.0:

@@ -435,7 +435,8 @@ def plan(
             alpha = alpha_cap
 
     earliest = _real_total_s(coef, n_x_i, alpha_cap, n_worst_i, t_predict, min_kept_i)
-    if slack > 0.0 and alpha == alpha_cap and not real_fits(alpha_cap) and coef.p > 0.0 and n_worst_i > 1:
+    # (With p <= 0 or a single token, eviction buys no time at all, and α = 0 passes the first check.)
+    if slack > 0.0 and alpha == alpha_cap and not real_fits(alpha_cap):
         target = earliest * (1.0 + slack)
 
         def near_cap(candidate: float) -> bool:
