@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import Any
@@ -361,6 +362,18 @@ class Plan:
         return dataclasses.asdict(self)
 
 
+def _smallest_passing(passes: Callable[[float], bool], low: float, high: float) -> float:
+    """Bisection to float precision for a predicate monotone in alpha: ``low`` fails, ``high`` passes."""
+    while True:
+        mid = (low + high) / 2.0
+        if mid <= low or mid >= high:
+            return high
+        if passes(mid):
+            high = mid
+        else:
+            low = mid
+
+
 def plan(
     coef: TimeCoefficients,
     n_x: int,
@@ -420,19 +433,7 @@ def plan(
         return _fits(_real_total_s(coef, n_x_i, candidate, n_worst_i, t_predict, min_kept_i), budget)
 
     if not real_fits(alpha) and coef.p > 0.0 and n_worst_i > 1:
-        if real_fits(alpha_cap):
-            low, high = alpha, alpha_cap  # invariant: low does not fit, high fits
-            while True:
-                mid = (low + high) / 2.0
-                if mid <= low or mid >= high:
-                    break
-                if real_fits(mid):
-                    high = mid
-                else:
-                    low = mid
-            alpha = high
-        else:
-            alpha = alpha_cap
+        alpha = _smallest_passing(real_fits, alpha, alpha_cap) if real_fits(alpha_cap) else alpha_cap
 
     earliest = _real_total_s(coef, n_x_i, alpha_cap, n_worst_i, t_predict, min_kept_i)
     # (With p <= 0 or a single token, eviction buys no time at all, and α = 0 passes the first check.)
@@ -442,19 +443,7 @@ def plan(
         def near_cap(candidate: float) -> bool:
             return _real_total_s(coef, n_x_i, candidate, n_worst_i, t_predict, min_kept_i) <= target
 
-        if near_cap(0.0):
-            alpha = 0.0
-        else:
-            low, high = 0.0, alpha_cap  # invariant: low is slower than the target, high is within it
-            while True:
-                mid = (low + high) / 2.0
-                if mid <= low or mid >= high:
-                    break
-                if near_cap(mid):
-                    high = mid
-                else:
-                    low = mid
-            alpha = high
+        alpha = 0.0 if near_cap(0.0) else _smallest_passing(near_cap, 0.0, alpha_cap)
 
     prefill = coef.prefill_s(n_x_i)
     decode = decode_phase_s(coef, kept_kv_tokens(n_x_i, alpha, min_kept_i), n_worst_i)
