@@ -111,3 +111,62 @@ class _TinyTokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return "".join(chr(65 + i % 26) for i in ids)
+
+
+def test_int4_groups_are_the_ggufs_own_q4_1_blocks(engine: Engine) -> None:
+    """The default model is a Q4_1 GGUF: int4 mode must hold its weights exactly (up to bf16 scales)."""
+    from timebill.fastpath import INT4_GROUP, _int4_groups
+
+    w = engine.model.model.layers[2].mlp.down_proj.weight.detach().float()
+    groups = w.view(w.shape[0], -1, INT4_GROUP)
+    lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    q = (groups - lo) / ((hi - lo) / 15)
+    assert (q - q.round()).abs().max() < 1e-3  # every weight sits on its block's 16-level grid
+    packed, scales_zeros = _int4_groups(w)
+    x = torch.randn(3, w.shape[1])
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, INT4_GROUP, scales_zeros).float()
+    ref = x.bfloat16().float() @ w.T
+    assert (y - ref).abs().max() / ref.abs().max() < 0.02  # bf16 scales/activations only
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_quantised_modes_greedy_decode_tracks_fp32(engine: Engine, weights: str) -> None:
+    """A quantised mode decodes the same text for a while and agrees with fp32 on most next tokens."""
+    eng = Engine(engine.model, engine.tokenizer, engine.source, engine.threads, weights=weights)
+    assert eng.decode_path == f"fast-{weights}"
+    assert eng.fast is not None and eng.fast.scripted
+    ids = engine.encode(PROMPTS[0])
+    ref = engine.generate(ids, max_new_tokens=24)
+    out = eng.generate(ids, max_new_tokens=24)
+    assert out.token_ids[:4] == ref.token_ids[:4]
+    # teacher-forced agreement: feed the fp32 tokens, compare each argmax
+    state = eng.prefill(ids, capture=False)
+    eng.begin_decode(state, max_new_tokens=len(ref.token_ids))
+    agree = sum(
+        int(eng.decode_step(state, tok, len(ids) + i).argmax()) == nxt
+        for i, (tok, nxt) in enumerate(zip(ref.token_ids, ref.token_ids[1:], strict=False))
+    )
+    assert agree >= 0.8 * (len(ref.token_ids) - 1)
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int4"])
+def test_eager_fallback_when_torchscript_fails_gives_the_same_logits(
+    engine: Engine, weights: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    scripted = FastDecoder(engine.model, weights=weights)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("no TorchScript here")
+
+    monkeypatch.setattr(torch.jit, "script", broken)
+    with caplog.at_level(logging.WARNING, logger="timebill.fastpath"):
+        eager = FastDecoder(engine.model, weights=weights)
+    assert scripted.scripted and not eager.scripted
+    assert "no TorchScript here" in (eager.script_fallback_reason or "")
+    assert any("runs eagerly" in r.message for r in caplog.records)
+    ids = engine.encode(PROMPTS[1])
+    state = engine.prefill(ids, capture=False)
+    keys, values = [x.keys for x in state.cache.layers], [x.values for x in state.cache.layers]
+    a = scripted.step(scripted.new_cache(keys, values, len(ids) + 2), state.first_token, len(ids))
+    b = eager.step(eager.new_cache(keys, values, len(ids) + 2), state.first_token, len(ids))
+    assert torch.allclose(a, b, atol=1e-3, rtol=1e-4)

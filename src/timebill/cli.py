@@ -111,7 +111,7 @@ def generate(
     raw: Annotated[bool, typer.Option("--raw", help="Do not apply the model's chat template.")] = False,
     weights: Annotated[
         str,
-        typer.Option(help="Decode weights: fp32 (exact) or int8 (~2x faster decode)."),
+        typer.Option(help="Decode weights: fp32 (exact), int8, or int4 (the GGUF's own 4-bit blocks; fastest decode)."),
     ] = "fp32",
     fast: Annotated[
         bool, typer.Option("--fast/--no-fast", help="Fast decode path (falls back if unsupported).")
@@ -198,7 +198,7 @@ def serve(
         str | None, typer.Option(help="HF model dir, .gguf file or hub id (default: SmolLM2-135M).")
     ] = None,
     threads: Annotated[int | None, typer.Option(help="torch intra-op threads (default: all cores).")] = None,
-    weights: Annotated[str, typer.Option(help="Decode weights: fp32 (exact) or int8 (~2x faster decode).")] = "fp32",
+    weights: Annotated[str, typer.Option(help="Decode weights: fp32 (exact), int8, or int4 (fastest).")] = "fp32",
     profile: Annotated[str | None, typer.Option(help="Estimator profile file (default: this setup's).")] = None,
     predictor: Annotated[str | None, typer.Option(help="Length predictor file (default: shipped).")] = None,
     default_budget: Annotated[
@@ -464,7 +464,7 @@ def profile(
     threads: Annotated[int | None, typer.Option(help="torch intra-op threads (default: all cores).")] = None,
     press: Annotated[str, typer.Option(help="Eviction press to profile: snapkv | streaming | knorm.")] = "snapkv",
     device: Annotated[str | None, typer.Option(help="torch device, e.g. cuda:0 (default: cpu).")] = None,
-    weights: Annotated[str, typer.Option(help="Decode weights on the fast CPU path: fp32 | int8.")] = "fp32",
+    weights: Annotated[str, typer.Option(help="Decode weights on the fast CPU path: fp32 | int8 | int4.")] = "fp32",
     n_max: Annotated[
         int,
         typer.Option("--n-max", help="Longest response to leave room for (prompts up to context - n_max)."),

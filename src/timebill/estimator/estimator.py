@@ -337,8 +337,9 @@ def _missing_profile_message(key: ProfileKey, path: Path) -> str:
             + "."
         )
     flags = f"--threads {key.threads} --press {key.press}"
-    if key.decode_path.endswith("int8"):
-        flags += " --weights int8"
+    weights = key.decode_path.removeprefix("fast-")
+    if key.decode_path.startswith("fast-") and weights != "fp32":
+        flags += f" --weights {weights}"
     return (
         f"no estimator profile for {key.describe()} (looked for {path}).{hint} To create it, "
         f"run `timebill profile {flags}` (add --quick for a rougher one in about a minute)."
