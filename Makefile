@@ -40,7 +40,12 @@ lint: install
 # llama.cpp is a benchmark baseline only: it compiles from source (~10 min here), so it is never part
 # of the default install or CI.
 bench-install: install
-	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/python -m pip install -q 'llama-cpp-python==0.3.36'
+	# -march=native (the default) enables AMX kernels that segfault here; pin the x86-64 AVX512 feature set,
+	# and replace any earlier (native) build: pip would otherwise keep it as "already satisfied".
+	-$(BIN)/python -m pip uninstall -q -y llama-cpp-python
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+	  -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF" \
+	  CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/python -m pip install -q --no-cache-dir 'llama-cpp-python==0.3.36'
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

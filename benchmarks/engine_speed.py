@@ -1,10 +1,14 @@
 """Engine speed, side by side in one run: prefill and decode tok/s at several prompt lengths.
 
-Rows: our engine at α=0, HF ``model.generate`` on the same model, our engine at α=0.5 and α=0.9
-(SnapKV). Decode tok/s is 1 / median per-token step time; prefill tok/s is N / prefill time.
-EOS is disabled for the measurement so every run decodes the same number of steps.
+Rows: HF ``model.generate`` on the same model; our engine on the HF path, and on the fast path in
+fp32 (bit-exact with HF), int8 and int4 weights, at α=0 and with SnapKV eviction; with
+``--llama-cpp``, llama.cpp on the same GGUF (``make bench-install``; it runs in a process of its own,
+see ``llama_cpp_worker.py``). Decode tok/s is 1 / median per-token step time; prefill tok/s is
+N / prefill time. EOS is disabled for the measurement so every run decodes the same number of steps.
+The one-off cost of building each fast engine (weight packing, TorchScript scripting, warm-up) is
+printed too: it is paid at load, never inside a request.
 
-    flock /tmp/timebill-cpu.lock python benchmarks/engine_speed.py --threads 2
+    flock /tmp/timebill-cpu.lock python benchmarks/engine_speed.py --threads 2 --llama-cpp
 
 The machine is shared and noisy: every configuration is measured ``--repeats`` times, interleaved,
 and the median is reported.
@@ -13,8 +17,10 @@ and the median is reported.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
+import subprocess
 import sys
 import sysconfig
 import time
@@ -84,19 +90,16 @@ def hf_run(engine: Engine, ids: list[int], steps: int) -> tuple[float, float]:
     return len(ids) / (token_times[0] - t0), 1.0 / statistics.median(step_times)
 
 
-def llama_cpp_run(llm: object, ids: list[int], steps: int) -> tuple[float, float]:
-    """(prefill tok/s, decode tok/s) for llama.cpp on the same GGUF: eval the prompt, then token by token."""
-    llm.reset()
-    t0 = time.perf_counter()
-    llm.eval(ids)
-    t_prefill = time.perf_counter() - t0
-    token = ids[-1]
-    step_times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        llm.eval([token])
-        step_times.append(time.perf_counter() - t)
-    return len(ids) / t_prefill, 1.0 / statistics.median(step_times)
+def llama_cpp_run(ids: list[int], steps: int, threads: int, n_ctx: int) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) for llama.cpp on the same GGUF, in a fresh process (its OpenMP
+    pool and torch's crash when they share one)."""
+    job = {"model": str(default_gguf_path()), "threads": threads, "steps": steps, "n_ctx": n_ctx, "prompts": [ids]}
+    worker = Path(__file__).with_name("llama_cpp_worker.py")
+    out = subprocess.run(
+        [sys.executable, str(worker)], input=json.dumps(job), capture_output=True, text=True, check=True
+    )
+    prefill, decode = json.loads(out.stdout)[0]
+    return prefill, decode
 
 
 def memory_bandwidth_gbs(size_mb: int = 512, repeats: int = 5) -> float:
@@ -112,11 +115,15 @@ def memory_bandwidth_gbs(size_mb: int = 512, repeats: int = 5) -> float:
 
 
 def weight_bytes_per_token(engine: Engine, weights: str) -> float:
-    """Bytes of weights a decode step reads (matmul weights; embeddings read one row)."""
-    cfg = engine.model.config
-    shape = ModelShape.from_config(cfg)
-    params = shape.matmul_params()
-    return params * (1 if weights == "int8" else 4)
+    """Bytes of weights a decode step reads (matmul weights; embeddings read one row).
+
+    int4: 4 bits per layer weight plus a bf16 scale and zero per group of 32; the LM head is int8.
+    """
+    shape = ModelShape.from_config(engine.model.config)
+    if weights == "int4":
+        layers = shape.num_layers * shape.layer_matmul_params()
+        return layers * (0.5 + 4 / 32) + shape.lm_head_params()
+    return shape.matmul_params() * (1 if weights == "int8" else 4)
 
 
 def main() -> None:
@@ -128,45 +135,44 @@ def main() -> None:
     parser.add_argument(
         "--llama-cpp",
         action="store_true",
-        help="also run llama.cpp (make bench-install); a build with native AMX kernels crashed here (SIGSEGV in "
-        "libggml-cpu), so it is opt-in",
+        help="also run llama.cpp (make bench-install; a -march=native build with AMX kernels segfaulted here, "
+        "so bench-install builds with GGML_NATIVE=OFF and AVX512)",
     )
     args = parser.parse_args()
 
     engine = Engine.load(None, threads=args.threads)
     hf_path = Engine(engine.model, engine.tokenizer, engine.source, args.threads, fast=False)
-    int8 = Engine(engine.model, engine.tokenizer, engine.source, args.threads, weights="int8")
-    for eng in (engine, hf_path, int8):
+    hf_path.warmup()
+    build_s: dict[str, float] = {}
+    engines = {"fp32": engine}
+    for weights in ("fp32", "int8", "int4"):
+        t0 = time.perf_counter()
+        eng = Engine(engine.model, engine.tokenizer, engine.source, args.threads, weights=weights)
         eng.warmup()
+        build_s[weights] = time.perf_counter() - t0
+        engines[weights] = eng
+    for eng in (*engines.values(), hf_path):
         eng.stop_ids = set()  # measure a fixed number of steps
+    fp32, int8, int4 = engines["fp32"], engines["int8"], engines["int4"]
     runners = {
         "hf generate": lambda ids: hf_run(engine, ids, args.steps),
         "ours hf-path a=0": lambda ids: engine_run(hf_path, ids, 0.0, args.steps),
-        "ours fp32 a=0": lambda ids: engine_run(engine, ids, 0.0, args.steps),
-        "ours fp32 a=0.5": lambda ids: engine_run(engine, ids, 0.5, args.steps),
-        "ours fp32 a=0.9": lambda ids: engine_run(engine, ids, 0.9, args.steps),
+        "ours fp32 a=0": lambda ids: engine_run(fp32, ids, 0.0, args.steps),
+        "ours fp32 a=0.5": lambda ids: engine_run(fp32, ids, 0.5, args.steps),
+        "ours fp32 a=0.9": lambda ids: engine_run(fp32, ids, 0.9, args.steps),
         "ours int8 a=0": lambda ids: engine_run(int8, ids, 0.0, args.steps),
         "ours int8 a=0.9": lambda ids: engine_run(int8, ids, 0.9, args.steps),
+        "ours int4 a=0": lambda ids: engine_run(int4, ids, 0.0, args.steps),
+        "ours int4 a=0.9": lambda ids: engine_run(int4, ids, 0.9, args.steps),
     }
     llama_note = "llama.cpp: not run (--llama-cpp to include it)"
     if args.llama_cpp:
-        try:
-            from llama_cpp import Llama
+        import importlib.metadata
 
-            llm = Llama(
-                model_path=str(default_gguf_path()),
-                n_ctx=max(args.lengths) + args.steps + 8,
-                n_threads=args.threads,
-                n_threads_batch=args.threads,
-                n_batch=512,
-                verbose=False,
-            )
-            runners["llama.cpp Q4_1"] = lambda ids: llama_cpp_run(llm, ids, args.steps)
-            import llama_cpp
-
-            llama_note = f"llama.cpp: llama-cpp-python {llama_cpp.__version__}, same GGUF (Q4_1), n_batch 512"
-        except ImportError:
-            pass
+        version = importlib.metadata.version("llama-cpp-python")  # raises if not installed: say so, loudly
+        n_ctx = max(args.lengths) + args.steps + 8
+        runners["llama.cpp Q4_1"] = lambda ids: llama_cpp_run(ids, args.steps, args.threads, n_ctx)
+        llama_note = f"llama.cpp: llama-cpp-python {version}, same GGUF (Q4_1), n_batch 512, own process"
 
     print(
         f"# engine_speed  threads={torch.get_num_threads()}  model={engine.source.model_id}  "
@@ -174,6 +180,11 @@ def main() -> None:
     )
     print(f"# command: {' '.join(sys.argv)}")
     print(f"# {llama_note}")
+    scripted = {w: bool(e.fast is not None and e.fast.scripted) for w, e in engines.items()}
+    print(
+        "# one-off build cost per fast engine (pack weights + TorchScript + warm-up, paid at load): "
+        + ", ".join(f"{w} {build_s[w]:.1f} s (scripted={scripted[w]})" for w in build_s)
+    )
     results: dict[tuple[str, int], list[tuple[float, float]]] = {}
     for n in args.lengths:
         ids = real_text_ids(engine, n)
@@ -199,22 +210,23 @@ def main() -> None:
         e0 = med("ours fp32 a=0", n, 1)
         e9 = med("ours fp32 a=0.9", n, 1)
         i8 = med("ours int8 a=0", n, 1)
+        i4 = med("ours int4 a=0", n, 1)
         line = (
             f"  N={n:<5} hf-path/generate={own / base:5.3f}  fp32/generate={e0 / base:5.3f}  "
-            f"a0.9/a0={e9 / e0:5.3f}  int8/generate={i8 / base:5.3f}"
+            f"a0.9/a0={e9 / e0:5.3f}  int8/generate={i8 / base:5.3f}  int4/generate={i4 / base:5.3f}"
         )
         if "llama.cpp Q4_1" in runners:
             lc = med("llama.cpp Q4_1", n, 1)
-            line += f"  int8/llama.cpp={i8 / lc:5.3f}  fp32/llama.cpp={e0 / lc:5.3f}"
+            line += f"  int4/llama.cpp={i4 / lc:5.3f}  int8/llama.cpp={i8 / lc:5.3f}  fp32/llama.cpp={e0 / lc:5.3f}"
         print(line)
     print()
     bw = memory_bandwidth_gbs()
     print(f"memory read bandwidth (fp32 sum of 512 MiB, best of 5): {bw:.1f} GB/s")
-    for weights in ("fp32", "int8"):
+    for weights in ("fp32", "int8", "int4"):
         b = weight_bytes_per_token(engine, weights)
         print(
             f"  {weights}: weights {b / 1e9:.3f} GB/token -> floor {1e3 * b / bw / 1e9:.1f} ms/token "
-            f"({bw * 1e9 / b:.0f} tok/s), plus KV {46 * 1024 * 2048 / 1e9:.3f} GB at N=2048 fp32"
+            f"({bw * 1e9 / b:.0f} tok/s), plus KV {46 * 1024 * 2048 / 1e9:.3f} GB at N=2048 fp32 (half in bf16)"
         )
 
 

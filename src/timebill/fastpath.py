@@ -1,18 +1,21 @@
 """A fast decode step for Llama-family models on CPU: static KV cache, fused weights, no per-step rebuilding.
 
 Why: HF's decode step rebuilds masks, position tensors and cache bookkeeping every token and walks
-~10 Python modules per layer; on a 135M model that overhead is as large as the arithmetic. Decode
-is memory-bound, so the other lever is bytes per token: optional weight-only int8 linears.
+~10 Python modules per layer; on a 135M model that overhead is as large as the arithmetic. So the
+step is one module written in the TorchScript subset and scripted (its ~25 ops per layer run in
+TorchScript's interpreter, not Python; eager if scripting fails). Decode is memory-bound, so the
+other lever is bytes per token: optional int8 (fbgemm) or int4 (the GGUF's own Q4_1 blocks) weights.
 
-What stays the same as HF (so α = 0 in fp32 gives the same greedy tokens, which tests pin):
+What stays the same as HF in fp32 (so α = 0 gives the same greedy tokens, which tests pin):
 the same RMSNorm arithmetic (fp32, ``x * rsqrt(mean(x²) + eps) * w``), the same RoPE tables (taken
 from the model's own rotary embedding), the same attention kernel (``scaled_dot_product_attention``
 with grouped-query heads), and the same weights. Prefill and eviction still run through the HF model
 and kvpress; this module only takes the resulting (compressed) cache and decodes from it.
 
 Layout (gpt-fast style): one preallocated buffer per K and V, shaped
-``[layers, kv_heads, capacity, head_dim]``; a decode step writes one slot per layer and attends over
-``[:length]``. Capacity overflow raises :class:`~timebill.errors.CacheCapacityError`.
+``[layers, kv_heads, capacity, head_dim]`` (bf16 in the quantised modes where the CPU has native
+bf16); a decode step writes one slot per layer and attends over ``[:length]``. Capacity overflow
+raises :class:`~timebill.errors.CacheCapacityError`.
 """
 
 from __future__ import annotations
@@ -201,7 +204,7 @@ class _ExactStep(nn.Module):
 
 
 class _LeanStep(nn.Module):
-    """The int8 step: fewest ops per layer, since int8 has no bit-exactness to keep.
+    """The quantised (int8) step: fewest ops per layer, since quantised weights have no bit-exactness to keep.
 
     - RMSNorm as ``normalize(x) * (w·√d)``: two ops instead of eight (eps only matters for a residual
       stream with rms below ~3e-3, which never occurs).

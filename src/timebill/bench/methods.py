@@ -5,6 +5,7 @@
 | ``vanilla`` | :class:`FixedAlpha` | no | α = 0, fp32 | Vanilla |
 | ``snapkv-0.25`` … ``snapkv-0.95`` | :class:`FixedAlpha` | no | SnapKV at a fixed α | fixed α |
 | ``int8`` | :class:`FixedAlpha` | no | α = 0, int8 dynamic quantisation of the linear layers | AWQ (CPU counterpart) |
+| ``int4`` | :class:`FixedAlpha` | no | α = 0, the GGUF's 4-bit (Q4_1) layer weights, int8 LM head | AWQ-like 4-bit |
 | ``timebill`` | :class:`TimeBillMethod` | yes | k = 5 bound, no re-planning | TimeBill |
 | ``timebill-conformal`` | :class:`TimeBillMethod` | yes | the predictor's calibrated upper(δ = 0.05) bound | ours |
 | ``timebill-replan`` | :class:`TimeBillMethod` | yes | k = 5 and closed-loop re-planning | ours |
@@ -110,7 +111,7 @@ def load_length_predictor(spec: str | None, engine: Any) -> Any:
 
 # ------------------------------------------------------------------------------------------ resources
 class Resources:
-    """What methods run on: the fp32 engine, a lazily loaded int8 engine, a lazily built TimeBill.
+    """What methods run on: the fp32 engine, lazily loaded int8/int4 engines, a lazily built TimeBill.
 
     Loading is deferred so a run that asks for neither pays for neither; tests pass their fixtures.
     """
@@ -287,6 +288,7 @@ def method_registry() -> dict[str, Method]:
     for alpha in FIXED_ALPHAS:
         methods[f"snapkv-{alpha:g}"] = FixedAlpha(f"snapkv-{alpha:g}", alpha)
     methods["int8"] = FixedAlpha("int8", 0.0, weights="int8")
+    methods["int4"] = FixedAlpha("int4", 0.0, weights="int4")
     methods["timebill"] = TimeBillMethod("timebill")
     methods["timebill-conformal"] = TimeBillMethod("timebill-conformal", bound="conformal")
     methods["timebill-replan"] = TimeBillMethod("timebill-replan", replan=True)

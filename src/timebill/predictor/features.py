@@ -23,10 +23,10 @@ get turns between chunks.
 from __future__ import annotations
 
 import fcntl
+import io
 import logging
 import os
 import sys
-import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from timebill.errors import PredictorError
-from timebill.paths import cache_dir
+from timebill.paths import cache_dir, write_bytes_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -247,20 +247,14 @@ class FeatureStore:
         return indices
 
     def write(self, arrays: dict[str, np.ndarray]) -> Path:
-        """Write one chunk atomically (temp file in the same directory, then ``os.replace``)."""
+        """Write one chunk atomically (:func:`~timebill.paths.write_bytes_atomically`; the temp name does not
+        match ``chunk-*.npz``, so a reader never sees a torn chunk)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         first = int(arrays["index"][0])
         target = self.directory / f"chunk-{first:07d}-{time.time_ns():x}.npz"
-        fd, tmp = tempfile.mkstemp(prefix=".chunk-", suffix=".tmp", dir=self.directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        write_bytes_atomically(target, buffer.getvalue())
         return target
 
 
