@@ -170,3 +170,23 @@ def test_eager_fallback_when_torchscript_fails_gives_the_same_logits(
     a = scripted.step(scripted.new_cache(keys, values, len(ids) + 2), state.first_token, len(ids))
     b = eager.step(eager.new_cache(keys, values, len(ids) + 2), state.first_token, len(ids))
     assert torch.allclose(a, b, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("press", ["snapkv", "knorm"])
+def test_int4_mid_decode_eviction_on_the_bf16_cache(engine: Engine, press: str) -> None:
+    """Re-planning evicts from the quantised path's bf16 cache (KNorm scores its keys as fp32)."""
+    eng = Engine(engine.model, engine.tokenizer, engine.source, engine.threads, weights="int4")
+    ids = engine.encode(PROMPTS[2])
+    state = eng.prefill(ids, press=press, capture=True)
+    eng.evict(state, 0.25)
+
+    def replan(i: int, now: float, st) -> None:  # noqa: ANN001 - the engine's on_step signature
+        if i == 4:
+            eng.evict(st, 0.5)
+
+    tokens, _, _, _ = eng.decode(state, max_new_tokens=12, on_step=replan)
+    assert state.static is not None and state.static.k.dtype == eng.fast.kv_dtype
+    assert state.prompt_kv_len == int(int(len(ids) * 0.75) * 0.5)
+    assert len(tokens) == 12 or tokens[-1] in eng.stop_ids
+    # every token but the last was fed back (the first came from prefill's logits)
+    assert state.static.length == state.prompt_kv_len + len(tokens) - 1
