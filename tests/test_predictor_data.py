@@ -295,3 +295,36 @@ def test_label_records_round_trip_the_optional_device_field():
     assert _parse_record(plain.to_json()) == plain and _parse_record(remote.to_json()) == remote
     with pytest.raises(ValueError):
         _parse_record('{"index":1,"length":5,"stop_reason":"eos","prompt_tokens":2,"device":3}')
+
+
+def test_per_row_decode_attention_skips_padding_and_equals_the_masked_call():
+    """Rows attending to different suffixes go through one unpadded call each; the result equals the
+    masked batched SDPA (to float rounding), and a mask that is not a suffix falls back to it."""
+    import torch
+
+    from timebill.predictor.labelling import _grouped_sdpa, _suffix_starts
+
+    torch.manual_seed(0)
+    batch, kv_heads, groups, dim, width = 4, 3, 3, 16, 40
+    module = torch.nn.Module()
+    module.num_key_value_groups = groups
+    query = torch.randn(batch, kv_heads * groups, 1, dim)
+    key, value = torch.randn(batch, kv_heads, width, dim), torch.randn(batch, kv_heads, width, dim)
+    starts = [0, 5, 39, 17]
+    mask = (torch.arange(width)[None, :] >= torch.tensor(starts)[:, None])[:, None, None, :]
+    assert _suffix_starts(mask, width) == starts
+    out, _ = _grouped_sdpa(module, query, key, value, mask, scaling=dim**-0.5)
+    full_key = key.repeat_interleave(groups, dim=1)
+    full_value = value.repeat_interleave(groups, dim=1)
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        query, full_key, full_value, attn_mask=mask, scale=dim**-0.5
+    ).transpose(1, 2)
+    assert torch.allclose(out, reference, atol=1e-6)
+    holey = mask.clone()
+    holey[1, 0, 0, 20] = False  # a hole inside row 1's span: not a suffix
+    assert _suffix_starts(holey, width) is None
+    out, _ = _grouped_sdpa(module, query, key, value, holey, scaling=dim**-0.5)
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        query, full_key, full_value, attn_mask=holey, scale=dim**-0.5
+    ).transpose(1, 2)
+    assert torch.allclose(out, reference, atol=1e-6)

@@ -311,11 +311,17 @@ def _grouped_sdpa(
     is_causal: bool | None = None,
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
-    """SDPA for one-token decode steps without copying K/V for grouped-query attention.
+    """SDPA for one-token decode steps: no K/V copy for grouped-query attention, no padding read.
 
     HF's SDPA path with a padding mask repeats each KV head for its query heads (a full copy of the
     cache, x3 for SmolLM2) on every step. For a single query token the query heads that share a KV head
     can instead be laid out as that head's "query positions": same arithmetic, no copy.
+
+    Every row of a :class:`ContinuousBatch` attends to a contiguous suffix of the cache (rows are
+    right-aligned; padding is on the left), and the batch is as wide as its longest row, so a masked
+    batched call reads every row's padding too: about half of all K/V bytes in a labelling run, and K/V
+    reads are most of a step at batch 32. So each row attends to its own suffix only (one small call
+    per row); a mask of any other shape falls back to the masked batched call.
     """
     groups = getattr(module, "num_key_value_groups", 1)
     if query.shape[2] != 1 or groups == 1:
@@ -332,8 +338,31 @@ def _grouped_sdpa(
         )
     batch, heads, _, dim = query.shape
     grouped = query.reshape(batch, key.shape[1], groups, dim)  # query head h uses KV head h // groups
-    out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    starts = _suffix_starts(attention_mask, key.shape[-2])
+    if starts is None:
+        out = sdpa(grouped, key, value, attn_mask=attention_mask, scale=scaling)
+    elif not any(starts):  # no padding at all
+        out = sdpa(grouped, key, value, scale=scaling)
+    else:
+        out = torch.empty_like(grouped)
+        for row, start in enumerate(starts):
+            span = slice(row, row + 1)
+            out[span] = sdpa(grouped[span], key[span, :, start:], value[span, :, start:], scale=scaling)
     return out.reshape(batch, 1, heads, dim), None
+
+
+def _suffix_starts(attention_mask: torch.Tensor | None, width: int) -> list[int] | None:
+    """First attended column of each row when every row attends to a contiguous suffix; else None."""
+    if attention_mask is None:  # nothing masked: the batched call is already exact
+        return None
+    if attention_mask.dtype != torch.bool or attention_mask.dim() != 4 or attention_mask.shape[-2] != 1:
+        return None
+    valid = attention_mask[:, 0, 0]  # (batch, width): what the single query position may attend to
+    first = valid.to(torch.uint8).argmax(-1)
+    if not bool((valid.sum(-1) + first == width).all()):
+        return None
+    return first.tolist()
 
 
 AttentionInterface.register(_GROUPED_ATTENTION, _grouped_sdpa)
