@@ -48,14 +48,19 @@ def test_tight_budget_evicts_and_still_meets_the_deadline(timebill: TimeBill, es
     budget = estimator.wcet_s(n_x, 0.45, 24, k=5, n_max=128) + estimator.evict_s(n_x, 0.5)
     plan = timebill.plan(long_prompt, time_budget=budget, max_new_tokens=128)
     assert plan.feasible and 0.0 < plan.alpha < 0.95
-    # The real request re-plans on its measured prefill; whatever the machine does, it evicts and is never
-    # silently late: it meets the budget, or the guard stopped it (a prefill slower than the budget itself).
-    result = timebill.generate(long_prompt, time_budget=budget, max_new_tokens=128, replan=False)
+    # The real request re-plans on its *measured* prefill, and the profile above is one sample per size, so
+    # that prefill can come in well under the prediction (a CI run saw > 30 %), leaving room for α = 0.
+    # Taking 30 % of the predicted prefill off the budget keeps eviction necessary unless the prefill runs
+    # far faster than that (~60 % with the failing run's numbers). Whatever the machine does, the request
+    # evicts and is never silently late: it meets the budget, or the guard stopped it (a prefill slower
+    # than the budget itself).
+    tight = budget - 0.3 * plan.predicted_prefill_s
+    result = timebill.generate(long_prompt, time_budget=tight, max_new_tokens=128, replan=False)
     assert result.plan.alpha > 0.0
     assert result.generation.kept_kv_tokens < n_x
     assert result.deadline_met or result.stop_reason == "deadline"
     if result.generation.tokens_generated:
-        assert result.measured_e2e_s <= budget * 1.05  # the guard stops before the token that would be late
+        assert result.measured_e2e_s <= tight * 1.05  # the guard stops before the token that would be late
 
 
 def test_infeasible_budget_is_refused_before_any_work(timebill: TimeBill, monkeypatch: pytest.MonkeyPatch) -> None:
