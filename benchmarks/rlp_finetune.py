@@ -39,9 +39,10 @@ from torch import nn
 from timebill.engine import Engine
 from timebill.paths import cache_dir, write_bytes_atomically
 from timebill.predictor.buckets import BucketSpec
-from timebill.predictor.experiment import SPLITS, LabelledData
+from timebill.predictor.experiment import SPLITS, Evaluation, LabelledData
 from timebill.predictor.features import FeatureStore, holding, truncate_head_tail
 from timebill.predictor.heads import Head, HeadConfig, train_head
+from timebill.predictor.rlp import points_from_probs
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT_MD = ROOT / "docs" / "results" / "rlp_finetune.md"
@@ -149,15 +150,9 @@ def frozen_inputs(engine: Engine, rows: dict, split_layer: int, k: int) -> tuple
     return inputs, pooled_x
 
 
-def metrics(points: np.ndarray, true: np.ndarray) -> dict[str, float]:
-    err = points - true
-    ss_res = float((err**2).sum())
-    ss_tot = float(((true - true.mean()) ** 2).sum())
-    return {"mae": float(np.abs(err).mean()), "rmse": float(np.sqrt((err**2).mean())), "r2": 1 - ss_res / ss_tot}
-
-
-def points_of(logits: np.ndarray, spec: BucketSpec) -> np.ndarray:
-    return spec.upper_edges()[np.asarray(logits).argmax(-1)]
+def split_metrics(logits: np.ndarray, spec: BucketSpec, true: np.ndarray) -> Evaluation:
+    """MAE / RMSE / R² of the argmax-bucket points, computed as ``rlp_table.py`` computes them."""
+    return Evaluation("", true, points_from_probs(logits, spec.upper_edges()), [])
 
 
 def finetune(
@@ -180,8 +175,6 @@ def finetune(
     say whether fine-tuning ever beat not fine-tuning.
     """
     model = TopModel(decoder_of(engine), k, copy.deepcopy(head))
-    for p in model.head.parameters():
-        p.requires_grad_(True)
     groups = [
         {"params": [p for n, p in model.named_parameters() if not n.startswith("head.")], "lr": lr_layers},
         {"params": list(model.head.parameters()), "lr": lr_head},
@@ -283,9 +276,9 @@ def main() -> None:
         head, _ = train_head(x["train"], y["train"], config, threads=args.threads)
         t_head = time.perf_counter() - t0
         if k == ks[0]:  # the frozen choice does not depend on k: its features are the same
-            frozen = metrics(points_of(head.infer(x["test"]), spec), true)
+            frozen = split_metrics(head.infer(x["test"]), spec, true)
             results.append(("frozen backbone, trained head (shipped choice)", frozen, t_head, "", ""))
-            print(f"frozen: {frozen} head training {t_head:.1f} s", flush=True)
+            print(f"frozen: MAE {frozen.mae:.1f} head training {t_head:.1f} s", flush=True)
         for lr in lrs:
             t0 = time.perf_counter()
             model, hist = finetune(
@@ -295,11 +288,11 @@ def main() -> None:
             with torch.no_grad():
                 pairs = zip(inputs["test"], rows["test"]["prompt_tokens"], strict=True)
                 logits = np.stack([model(h, int(pt))[0].numpy() for h, pt in pairs])
-            m = metrics(points_of(logits, spec), true)
+            m = split_metrics(logits, spec, true)
             losses = " → ".join(f"{v:.3f}" for v in hist["val_loss"])
             name = f"top {k} layer(s) + norm + head fine-tuned, layers lr {lr:g}"
             results.append((name, m, t_pre + t_head + t_ft, losses, hist["best_epoch"]))
-            print(f"top-{k} lr {lr:g}: {m} ({t_ft:.0f} s, held-out {losses})", flush=True)
+            print(f"top-{k} lr {lr:g}: MAE {m.mae:.1f} ({t_ft:.0f} s, held-out {losses})", flush=True)
             del model
 
     lines = [
@@ -322,7 +315,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for name, m, t, losses, best in results:
-        lines.append(f"| {name} | {m['mae']:.1f} | {m['rmse']:.1f} | {m['r2']:.3f} | {t:.0f} | {losses} | {best} |")
+        lines.append(f"| {name} | {m.mae:.1f} | {m.rmse:.1f} | {m.r2:.3f} | {t:.0f} | {losses} | {best} |")
     text = "\n".join(lines) + "\n"
     print(text)
     write_bytes_atomically(Path(args.out), text.encode())
