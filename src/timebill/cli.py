@@ -533,6 +533,13 @@ def bench(
         str | None, typer.Option(help="Task file (default: benchmarks/suites/longbench-style-v1.jsonl).")
     ] = None,
     fraction: Annotated[float, typer.Option(help="Run this share of the tasks (kinds and lengths kept).")] = 1.0,
+    part: Annotated[
+        str | None,
+        typer.Option(
+            help="Run part I of N (0-based, e.g. 0/4): disjoint slices that each look like the suite, for a run "
+            "longer than one machine session; merge them with `timebill bench-combine`."
+        ),
+    ] = None,
     methods: Annotated[
         list[str] | None, typer.Option(help="Methods to run, comma-separated or repeated (default: all).")
     ] = None,
@@ -562,6 +569,7 @@ def bench(
 ) -> None:
     """The time-budget benchmark (paper §6): score and completion per budget, method and overrun policy."""
     import platform as _platform
+    from pathlib import Path
 
     import torch
 
@@ -574,14 +582,18 @@ def bench(
         predictor_label,
     )
     from timebill.bench.report import summary_lines, write_report
-    from timebill.bench.runner import BenchOptions, run_benchmark
-    from timebill.bench.suite import default_suite_path, read_suite, select_fraction
+    from timebill.bench.runner import BenchOptions, run_benchmark, runs_predictor
+    from timebill.bench.suite import default_suite_path, parse_part, read_suite, select_fraction, select_part
     from timebill.engine import Engine
     from timebill.facade import TimeBill, parse_budget
 
     try:
+        part_of = parse_part(part) if part is not None else None
+        chosen = _split_list(methods)
+        if report_only and not chosen:  # report what is there, not every method the registry knows
+            chosen = [m for m in method_registry() if (Path(out) / "runs" / f"{m}.jsonl").exists()]
         options = BenchOptions(
-            methods=_split_list(methods) or list(method_registry()),
+            methods=chosen or list(method_registry()),
             budgets=sorted({parse_budget(b) for b in _split_list(budgets)}) or None,
             n_budgets=n_budgets,
             k_sweep=K_SWEEP if k_sweep else (),
@@ -589,12 +601,17 @@ def bench(
             progress=progress,
             command="timebill " + " ".join(sys.argv[1:]),
             fraction=fraction,
+            part=None if part_of is None else f"{part_of[0]}/{part_of[1]}",
             run_missing=not report_only,
         )
         options.validate()
         task_file = read_suite(suite or default_suite_path())
         tasks = select_fraction(task_file.tasks, fraction)
+        if part_of is not None:
+            tasks = select_part(tasks, *part_of)
         label = predictor_label(predictor)
+        if report_only and predictor is None:  # the predictor the runs were made with, even if retrained since
+            label = runs_predictor(out) or label
         engine = Engine.load(model, threads=threads)
 
         def make_timebill(fp32: Engine) -> TimeBill:
@@ -626,6 +643,56 @@ def bench(
         _fail(exc)
         return
     for line in summary_lines(data, scorer):
+        typer.echo(line)
+    typer.echo(f"report: {path}")
+
+
+@app.command("bench-combine")
+def bench_combine(
+    parts: Annotated[list[str], typer.Argument(help="The parts' output directories (`timebill bench --part I/N`).")],
+    out: Annotated[str, typer.Option(help="Directory for the combined results.md and plots.")],
+    suite: Annotated[str | None, typer.Option(help="Task file, if it moved since the parts ran.")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="HF model dir, .gguf file or hub id (default: SmolLM2-135M).")
+    ] = None,
+) -> None:
+    """Merge the parts of a split benchmark run by budget level into one report (runs nothing)."""
+    import platform as _platform
+    from pathlib import Path
+
+    import torch
+
+    from timebill.bench.methods import Resources, Scorer
+    from timebill.bench.report import combine, summary_lines, write_combined_report
+    from timebill.bench.runner import BenchError, load_manifest, load_part, runs_predictor
+    from timebill.engine import Engine
+
+    try:
+        manifests = [load_manifest(Path(d)) for d in parts]
+        bad = [d for d, m in zip(parts, manifests, strict=True) if m is None]
+        if bad:
+            raise BenchError(f"not a `timebill bench` output directory (no manifest.json): {', '.join(bad)}")
+        labels = {runs_predictor(d) for d in parts} - {None}
+        if len(labels) > 1:
+            raise BenchError("the parts' TimeBill runs used different length predictors: " + "; ".join(sorted(labels)))
+        label = labels.pop() if labels else ""
+        engine = Engine.load(model, threads=int(manifests[0]["threads"]))  # type: ignore[index]
+        resources = Resources(engine, predictor_label=label)
+        data = [load_part(resources, d, suite, log=lambda m: typer.echo(m, err=True)) for d in parts]
+        scorer = Scorer(resources.decode)
+        info = {
+            "command": "timebill " + " ".join(sys.argv[1:]),
+            "torch": f"{torch.__version__} (python {_platform.python_version()})",
+            "model_id": engine.source.model_id if engine.source else "?",
+            "predictor": label or "–",
+            "dirs": list(parts),
+        }
+        path = write_combined_report(data, out, scorer, info)
+        ev, union = combine(data, scorer)
+    except TimeBillError as exc:
+        _fail(exc)
+        return
+    for line in summary_lines(union, scorer, ev=ev):
         typer.echo(line)
     typer.echo(f"report: {path}")
 

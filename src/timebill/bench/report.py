@@ -4,6 +4,10 @@ Everything here is derived from the run records (:mod:`timebill.bench.runner`) b
 (:mod:`timebill.bench.policies`); nothing is measured. Plots follow the paper: score and completion
 vs budget per method (Fig. 7), score vs k (Fig. 8), predicted vs measured end-to-end time with the WCET
 (Fig. 6).
+
+A run split into parts (``--part I/N``, one machine each) is merged by :func:`combine`: each part has
+its own budgets (the same percentiles of *its* vanilla times), so columns become budget *levels* and a
+cell is the job-weighted mean of the parts' cells at that level (Skip-Next streams stay per part).
 """
 
 from __future__ import annotations
@@ -12,26 +16,41 @@ import math
 import os
 import platform
 import statistics
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from timebill.bench.methods import DEFAULT_K, STOP_REFUSED, Method, Scorer, outcome
 from timebill.bench.policies import POLICIES, PolicySummary
-from timebill.bench.runner import BenchData, run_key
+from timebill.bench.runner import BenchData, BenchError, run_key
+from timebill.paths import write_bytes_atomically
 
 PAPER_SCORE_RATIO = 1.10  # the issue's target: TimeBill ≥ 1.10 × the best fixed α, at every budget
 COMPLETION_REFERENCE = "snapkv-0.95"
 
 
+@dataclass(frozen=True)
+class Column:
+    """One budget column: ``key`` indexes the cells (a budget in s, or a level when parts are combined)."""
+
+    key: float
+    header: str  # "T = 2.76 s", or "p20: 2.7–3.1 s" for a level
+    x: float  # where the column sits on a plot's x axis
+
+
 @dataclass
 class Evaluation:
-    """Summaries by (method, budget, policy); ``missing`` lists cells with runs not (yet) done."""
+    """Summaries by (method, column key, policy); ``missing`` lists cells with runs not (yet) done."""
 
     cells: dict[tuple[str, float, str], PolicySummary]
     k_cells: dict[int, PolicySummary]
     missing: list[str]
+    columns: list[Column] = field(default_factory=list)
+    x_label: str = "time budget T (s)"
+    tightest: str = ""  # the k sweep's budget, in words
+    diagnostics: dict[float, dict[str, tuple[int, int] | None]] = field(default_factory=dict)
 
 
 def _records_at(data: BenchData, method: Method, budget_s: float) -> list[dict[str, Any]] | None:
@@ -42,6 +61,8 @@ def _records_at(data: BenchData, method: Method, budget_s: float) -> list[dict[s
 
 def evaluate(data: BenchData, scorer: Scorer) -> Evaluation:
     """Apply every policy to every method at every budget (jobs in suite order, period = T)."""
+    columns = [Column(b, f"T = {b:g} s", b) for b in data.budgets]
+    tightest_words = f"T = {data.budgets[0]:g} s" if data.budgets else ""
     cells: dict[tuple[str, float, str], PolicySummary] = {}
     missing: list[str] = []
     for method in data.methods:
@@ -63,7 +84,114 @@ def evaluate(data: BenchData, scorer: Scorer) -> Evaluation:
                 continue
             jobs = [outcome(r, t, tightest, scorer) for r, t in zip(records, data.tasks, strict=True)]
             k_cells[int(method.k)] = POLICIES["kill"].summarise(jobs, tightest)  # type: ignore[attr-defined]
-    return Evaluation(cells, k_cells, missing)
+    diagnostics = {b: _diagnostic_counts(data, b) for b in data.budgets}
+    return Evaluation(cells, k_cells, missing, columns, tightest=tightest_words, diagnostics=diagnostics)
+
+
+def _merge(summaries: Sequence[PolicySummary]) -> PolicySummary:
+    """Job-weighted mean of the parts' summaries (each part's average is over its own jobs)."""
+    jobs = sum(s.jobs for s in summaries)
+    if jobs == 0:
+        return PolicySummary(summaries[0].policy, 0, float("nan"), float("nan"), 0)
+    return PolicySummary(
+        policy=summaries[0].policy,
+        jobs=jobs,
+        avg_score=sum(s.avg_score * s.jobs for s in summaries) / jobs,
+        completion_rate=sum(s.completion_rate * s.jobs for s in summaries) / jobs,
+        skipped=sum(s.skipped for s in summaries),
+    )
+
+
+def budget_levels(parts: Sequence[BenchData]) -> list[Column]:
+    """Columns of a combined report: level i = every part's i-th budget (the same vanilla percentile)."""
+    from timebill.bench.runner import BUDGET_QUANTILES
+
+    counts = {len(p.budgets) for p in parts}
+    if len(counts) != 1:
+        raise BenchError(f"the parts have different numbers of budgets ({sorted(counts)}); they cannot be combined")
+    n = counts.pop()
+    lo, hi = BUDGET_QUANTILES[0], BUDGET_QUANTILES[-1]
+    quantiles = [lo + (hi - lo) * i / (n - 1) for i in range(n)] if n > 1 else [lo]
+    columns = []
+    for level, q in enumerate(quantiles):
+        seconds = [p.budgets[level] for p in parts]
+        span = f"{min(seconds):g} s" if min(seconds) == max(seconds) else f"{min(seconds):g}–{max(seconds):g} s"
+        columns.append(Column(level, f"p{100 * q:.0f}: {span}", 100 * q))
+    return columns
+
+
+def combine(parts: Sequence[BenchData], scorer: Scorer) -> tuple[Evaluation, BenchData]:
+    """Merge the parts of a split run by budget level; returns the evaluation and the union's data.
+
+    The union's ``budgets`` are empty (each part keeps its own); its records and tasks serve the
+    tables that do not depend on a budget (sanity) and the Fig. 6 scatter.
+    """
+    if not parts:
+        raise BenchError("nothing to combine")
+    if len({p.suite.sha256 for p in parts}) != 1:
+        raise BenchError("the parts were run on different task files; they cannot be combined")
+    seen: set[str] = set()
+    for p in parts:
+        ids = {t.id for t in p.tasks}
+        if ids & seen:
+            raise BenchError(f"the parts overlap (e.g. task {sorted(ids & seen)[0]}); combine disjoint parts only")
+        seen |= ids
+    names = [m.name for m in parts[0].methods]
+    if any([m.name for m in p.methods] != names for p in parts):
+        raise BenchError("the parts ran different methods; combine parts of one run")
+    columns = budget_levels(parts)
+    evs = [evaluate(p, scorer) for p in parts]
+    cells: dict[tuple[str, float, str], PolicySummary] = {}
+    missing: list[str] = []
+    for method in parts[0].methods:
+        for col in columns:
+            for policy in POLICIES:
+                found = [
+                    ev.cells.get((method.name, p.budgets[int(col.key)], policy))
+                    for ev, p in zip(evs, parts, strict=True)
+                ]
+                if any(f is None for f in found):
+                    if policy == "kill":
+                        missing.append(f"{method.name} at level {col.header}")
+                    continue
+                cells[(method.name, col.key, policy)] = _merge(found)  # type: ignore[arg-type]
+    k_cells = {
+        k: _merge([ev.k_cells[k] for ev in evs]) for k in sorted(evs[0].k_cells) if all(k in ev.k_cells for ev in evs)
+    }
+    diagnostics: dict[float, dict[str, tuple[int, int] | None]] = {}
+    for col in columns:
+        merged: dict[str, tuple[int, int] | None] = {}
+        for ev, p in zip(evs, parts, strict=True):
+            for name, value in ev.diagnostics[p.budgets[int(col.key)]].items():
+                if name in merged and (merged[name] is None or value is None):
+                    merged[name] = None
+                elif value is not None:
+                    old = merged.get(name) or (0, 0)
+                    merged[name] = (old[0] + value[0], old[1] + value[1])
+                else:
+                    merged[name] = None
+        diagnostics[col.key] = merged
+    order = {t.id: i for i, t in enumerate(parts[0].suite.tasks)}
+    union = BenchData(
+        suite=parts[0].suite,
+        tasks=sorted((t for p in parts for t in p.tasks), key=lambda t: order.get(t.id, 0)),
+        budgets=[],
+        budget_note="",
+        methods=list(parts[0].methods),
+        k_methods=list(parts[0].k_methods),
+        records={m: {k: r for p in parts for k, r in p.records.get(m, {}).items()} for m in parts[0].records},
+        meta=dict(parts[0].meta),
+    )
+    ev = Evaluation(
+        cells,
+        k_cells,
+        missing,
+        columns,
+        x_label="budget level: percentile of each part's vanilla end-to-end times",
+        tightest=f"the tightest level, {columns[0].header}",
+        diagnostics=diagnostics,
+    )
+    return ev, union
 
 
 # ------------------------------------------------------------------------------------------ tables
@@ -73,11 +201,11 @@ def _fmt(summary: PolicySummary | None) -> str:
     return f"{summary.avg_score:.1f} ({100 * summary.completion_rate:.0f} %)"
 
 
-def _policy_table(data: BenchData, ev: Evaluation, policy: str) -> list[str]:
-    header = "| method | " + " | ".join(f"T = {b:g} s" for b in data.budgets) + " |"
-    lines = [header, "|---|" + "---|" * len(data.budgets)]
-    for method in data.methods:
-        cells = [_fmt(ev.cells.get((method.name, b, policy))) for b in data.budgets]
+def _policy_table(methods: Sequence[Method], ev: Evaluation, policy: str) -> list[str]:
+    header = "| method | " + " | ".join(c.header for c in ev.columns) + " |"
+    lines = [header, "|---|" + "---|" * len(ev.columns)]
+    for method in methods:
+        cells = [_fmt(ev.cells.get((method.name, c.key, policy))) for c in ev.columns]
         lines.append(f"| {method.name} | " + " | ".join(cells) + " |")
     return lines
 
@@ -107,22 +235,23 @@ def _sanity_table(data: BenchData, scorer: Scorer) -> list[str]:
     return lines
 
 
-def _claims(data: BenchData, ev: Evaluation, policy: str) -> list[str]:
+def _claims(methods: Sequence[Method], ev: Evaluation, policy: str) -> list[str]:
     """The issue's numbers to reach, checked per budget: TimeBill vs the best fixed α, and vs α = 0.95's completion."""
-    fixed = [m.name for m in data.methods if m.name.startswith("snapkv-")]
-    if "timebill" not in {m.name for m in data.methods} or not fixed:
+    fixed = [m.name for m in methods if m.name.startswith("snapkv-")]
+    if "timebill" not in {m.name for m in methods} or not fixed:
         return ["(needs the timebill method and at least one fixed-α method)"]
     lines = [
         "| T | TimeBill score | best fixed α (score) | ratio | ≥ 1.10× | TimeBill completion "
         "| α = 0.95 completion | ≥ |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for b in data.budgets:
+    for col in ev.columns:
+        b = col.key
         tb = ev.cells.get(("timebill", b, policy))
         present = [m for m in fixed if (m, b, policy) in ev.cells]
         ref = ev.cells.get((COMPLETION_REFERENCE, b, policy))
         if tb is None or not present:
-            lines.append(f"| {b:g} s | – | – | – | – | – | – | – |")
+            lines.append(f"| {col.header} | – | – | – | – | – | – | – |")
             continue
         best_name = max(present, key=lambda m: ev.cells[(m, b, policy)].avg_score)
         best_summary = ev.cells[(best_name, b, policy)]
@@ -130,40 +259,50 @@ def _claims(data: BenchData, ev: Evaluation, policy: str) -> list[str]:
         score_ok = "yes" if ratio >= PAPER_SCORE_RATIO else "**no**"
         comp_ok = "–" if ref is None else ("yes" if tb.completion_rate >= ref.completion_rate else "**no**")
         lines.append(
-            f"| {b:g} s | {tb.avg_score:.1f} | {best_name} ({best_summary.avg_score:.1f}) | {ratio:.2f} | {score_ok} | "
+            f"| {col.header} | {tb.avg_score:.1f} | {best_name} ({best_summary.avg_score:.1f}) | {ratio:.2f} | "
+            f"{score_ok} | "
             f"{100 * tb.completion_rate:.0f} % | {'–' if ref is None else f'{100 * ref.completion_rate:.0f} %'} | "
             f"{comp_ok} |"
         )
     return lines
 
 
-def _diagnostics(data: BenchData) -> list[str]:
+_DIAGNOSTICS = ("vanilla overruns", "α = 0.95 overruns", "TimeBill refused (prefill > T)", "TimeBill guard-stopped")
+
+
+def _diagnostic_counts(data: BenchData, b: float) -> dict[str, tuple[int, int] | None]:
+    """Why budget ``b`` is hard, as (jobs, of n): overruns of vanilla and α = 0.95, TimeBill refusals and stops."""
+
+    def count(method: str, budget: float | None, predicate: Any) -> tuple[int, int] | None:
+        runs = data.records.get(method, {})
+        recs = [runs.get(run_key(method, t.id, budget)) for t in data.tasks]
+        if any(r is None for r in recs) or not recs:
+            return None
+        return sum(bool(predicate(r)) for r in recs), len(recs)
+
+    found = (
+        count("vanilla", None, lambda r: r["e2e_s"] > b),
+        count("snapkv-0.95", None, lambda r: r["e2e_s"] > b),
+        count("timebill", b, lambda r: r["stop_reason"] == STOP_REFUSED),
+        count("timebill", b, lambda r: r["stop_reason"] == "deadline"),
+    )
+    return dict(zip(_DIAGNOSTICS, found, strict=True))
+
+
+def _diagnostics(ev: Evaluation) -> list[str]:
     """Why a budget is hard: jobs TimeBill refused (prefill alone over T), jobs even α = 0.95 overruns."""
-    lines = [
-        "| T | vanilla overruns | α = 0.95 overruns | TimeBill refused (prefill > T) | TimeBill guard-stopped |",
-        "|---|---|---|---|---|",
-    ]
-    n = len(data.tasks)
-    for b in data.budgets:
-
-        def share(method: str, budget: float | None, predicate: Any, b: float = b) -> str:
-            runs = data.records.get(method, {})
-            recs = [runs.get(run_key(method, t.id, budget)) for t in data.tasks]
-            if any(r is None for r in recs) or not n:
-                return "–"
-            return f"{100 * sum(bool(predicate(r, b)) for r in recs) / n:.0f} %"
-
-        lines.append(
-            f"| {b:g} s | {share('vanilla', None, lambda r, b: r['e2e_s'] > b)} | "
-            f"{share('snapkv-0.95', None, lambda r, b: r['e2e_s'] > b)} | "
-            f"{share('timebill', b, lambda r, b: r['stop_reason'] == STOP_REFUSED)} | "
-            f"{share('timebill', b, lambda r, b: r['stop_reason'] == 'deadline')} |"
-        )
+    lines = ["| T | " + " | ".join(_DIAGNOSTICS) + " |", "|---|" + "---|" * len(_DIAGNOSTICS)]
+    for col in ev.columns:
+        counts = ev.diagnostics.get(col.key, {})
+        shares = [
+            "–" if not (c := counts.get(name)) or not c[1] else f"{100 * c[0] / c[1]:.0f} %" for name in _DIAGNOSTICS
+        ]
+        lines.append(f"| {col.header} | " + " | ".join(shares) + " |")
     return lines
 
 
 # ------------------------------------------------------------------------------------------- plots
-def _plot_fig7(data: BenchData, ev: Evaluation, out: Path) -> list[Path]:
+def _plot_fig7(methods: Sequence[Method], ev: Evaluation, out: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,16 +311,16 @@ def _plot_fig7(data: BenchData, ev: Evaluation, out: Path) -> list[Path]:
     paths = []
     for policy in POLICIES:
         fig, (ax_s, ax_c) = plt.subplots(1, 2, figsize=(11, 4.2))
-        for method in data.methods:
-            pts = [(b, ev.cells.get((method.name, b, policy))) for b in data.budgets]
+        for method in methods:
+            pts = [(c.x, ev.cells.get((method.name, c.key, policy))) for c in ev.columns]
             pts = [(b, s) for b, s in pts if s is not None]
             if not pts:
                 continue
             style = "-o" if method.budgeted else "--s"
             ax_s.plot([b for b, _ in pts], [s.avg_score for _, s in pts], style, label=method.name, ms=4)
             ax_c.plot([b for b, _ in pts], [100 * s.completion_rate for _, s in pts], style, label=method.name, ms=4)
-        ax_s.set(xlabel="time budget T (s)", ylabel="average score (×100)", title=f"score vs budget ({policy})")
-        ax_c.set(xlabel="time budget T (s)", ylabel="completion rate (%)", title=f"completion vs budget ({policy})")
+        ax_s.set(xlabel=ev.x_label, ylabel="average score (×100)", title=f"score vs budget ({policy})")
+        ax_c.set(xlabel=ev.x_label, ylabel="completion rate (%)", title=f"completion vs budget ({policy})")
         ax_c.set_ylim(-2, 102)
         for ax in (ax_s, ax_c):
             ax.grid(alpha=0.3)
@@ -194,7 +333,7 @@ def _plot_fig7(data: BenchData, ev: Evaluation, out: Path) -> list[Path]:
     return paths
 
 
-def _plot_fig8(data: BenchData, ev: Evaluation, out: Path) -> Path | None:
+def _plot_fig8(ev: Evaluation, out: Path) -> Path | None:
     if not ev.k_cells:
         return None
     import matplotlib
@@ -205,9 +344,7 @@ def _plot_fig8(data: BenchData, ev: Evaluation, out: Path) -> Path | None:
     ks = sorted(ev.k_cells)
     fig, ax = plt.subplots(figsize=(5.5, 4))
     ax.plot(ks, [ev.k_cells[k].avg_score for k in ks], "-o", label="average score")
-    ax.set(
-        xlabel="pessimistic factor k", ylabel="average score (×100)", title=f"k sweep, Kill, T = {data.budgets[0]:g} s"
-    )
+    ax.set(xlabel="pessimistic factor k", ylabel="average score (×100)", title=f"k sweep, Kill, {ev.tightest}")
     ax2 = ax.twinx()
     ax2.plot(ks, [100 * ev.k_cells[k].completion_rate for k in ks], "--s", color="tab:orange", label="completion")
     ax2.set_ylabel("completion rate (%)")
@@ -220,14 +357,17 @@ def _plot_fig8(data: BenchData, ev: Evaluation, out: Path) -> Path | None:
     return path
 
 
-def _plot_fig6(data: BenchData, out: Path) -> Path | None:
-    """Measured e2e vs the time model's e2e at the generated length, and the plan's WCET (loosest budget)."""
+def _loosest_timebill_records(data: BenchData) -> list[dict[str, Any]]:
+    """TimeBill's runs at the loosest budget that planned and ran (Fig. 6's points)."""
     if not data.budgets:
-        return None
-    loosest = data.budgets[-1]
+        return []
     runs = data.records.get("timebill", {})
-    recs = [runs.get(run_key("timebill", t.id, loosest)) for t in data.tasks]
-    recs = [r for r in recs if r is not None and r.get("stop_reason") != STOP_REFUSED and r.get("predicted_e2e_s")]
+    recs = [runs.get(run_key("timebill", t.id, data.budgets[-1])) for t in data.tasks]
+    return [r for r in recs if r is not None and r.get("stop_reason") != STOP_REFUSED and r.get("predicted_e2e_s")]
+
+
+def _plot_fig6(recs: Sequence[dict[str, Any]], loosest: float | None, out: Path) -> Path | None:
+    """Measured e2e vs the time model's e2e at the generated length, and the plan's WCET (loosest budget)."""
     if not recs:
         return None
     import matplotlib
@@ -241,7 +381,8 @@ def _plot_fig6(data: BenchData, out: Path) -> Path | None:
     ax.scatter(actual, [r["predicted_wcet_s"] for r in recs], s=12, marker="^", label="WCET (plan, at N̂_W)")
     top = max([*actual, *(r["predicted_wcet_s"] for r in recs)]) * 1.05
     ax.plot([0, top], [0, top], "k:", lw=1, label="y = x")
-    ax.axhline(loosest, color="tab:red", lw=0.8, ls="--", label=f"budget {loosest:g} s")
+    if loosest is not None:
+        ax.axhline(loosest, color="tab:red", lw=0.8, ls="--", label=f"budget {loosest:g} s")
     ax.set(xlabel="measured end-to-end time (s)", ylabel="predicted time (s)", title="TimeBill: predicted vs measured")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -253,9 +394,14 @@ def _plot_fig6(data: BenchData, out: Path) -> Path | None:
 
 
 # ------------------------------------------------------------------------------------------ report
-def machine_description(threads: int) -> str:
+def machine_description(threads: int, recorded: str | None = None) -> str:
+    """The machine the runs were timed on, as the manifest recorded it ("": this one, None: not recorded)."""
     from timebill.estimator.store import cpu_model_name
 
+    if recorded:
+        return f"{recorded}, {threads} torch threads"
+    if recorded is None:
+        return f"not recorded (these runs predate it); this report was built on {cpu_model_name()}"
     return f"{cpu_model_name()}, {os.cpu_count()} logical CPUs, {threads} torch threads, {platform.platform()}"
 
 
@@ -268,89 +414,70 @@ def _method_lines(data: BenchData, predictor_label: str) -> list[str]:
     return lines
 
 
-def write_report(data: BenchData, out_dir: str | os.PathLike[str], scorer: Scorer, info: dict[str, Any]) -> Path:
-    """Write ``results.md`` and the plots into ``out_dir``; returns the markdown's path.
+_HOW_TO_READ = [
+    "## How to read this",
+    "",
+    "- **Vanilla, fixed-α and int8 runs do not depend on the budget**: each ran once per task with no "
+    "deadline, keeping its per-token timestamps (from the request's start) and token ids; every budget and "
+    "policy below is applied to that trace. TimeBill's methods ran once per task *and* budget (their plan "
+    "depends on T), with the engine's deadline guard on.",
+    "- **Completion** (the paper's): the full answer — ended by EOS or N_max, not cut by a deadline — was "
+    "delivered within T, and the job was not skipped. A TimeBill job its guard stopped at T is *not* "
+    "completed (under Kill it scores 0; under guard its partial answer is scored). A job TimeBill refused "
+    "because even its predicted prefill exceeds T is not completed and scores 0.",
+    "- **Kill**: a job that would overrun is terminated at T, score 0. **Skip-Next**: jobs are released "
+    "every T seconds in suite order; an overrunning job runs to its end (score 0) and jobs released "
+    "meanwhile are skipped (score 0). TimeBill jobs never run past their guard, so they skip nothing. "
+    "**guard** (ours): the job stops at T and its partial answer is scored as is.",
+    "- Cells are *average score ×100 (completion rate)*, averaged over all jobs. Metrics: QA F1 "
+    "(retrieval), code edit similarity (code), ROUGE-L (chat), as LongBench computes them "
+    "(`timebill.bench.metrics` says where ours differ).",
+]
 
-    ``info``: command, threads, torch, model_id, predictor (label), when (ISO date; default now).
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ev = evaluate(data, scorer)
-    when = info.get("when") or datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+def _suite_line(data: BenchData, tasks_note: str) -> str:
     counts = data.suite.counts()
     selected: dict[str, int] = {}
     for t in data.tasks:
         selected[t.kind] = selected.get(t.kind, 0) + 1
-    predictor = str(info.get("predictor", "?"))
-    md: list[str] = [
-        f"# TimeBill time-budget benchmark — {data.suite.name}",
-        "",
-        f"- Command: `{info.get('command') or data.meta.get('command', '?')}`",
-        f"- Date: {when}",
-        f"- Machine: {machine_description(int(info.get('threads', 0)))}",
-        f"- Model: {info.get('model_id', '?')}, torch {info.get('torch', '?')}, decode paths "
-        + ", ".join(f"{w}: {p}" for w, p in sorted(data.meta.get("decode_paths", {}).items())),
+    return (
         f"- Suite: `{data.suite.path}` (sha256 {data.suite.sha256[:16]}…), "
         + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
         + f"; this run: {len(data.tasks)} tasks ("
         + ", ".join(f"{k} {v}" for k, v in sorted(selected.items()))
-        + f", --fraction {data.meta.get('fraction', 1.0):g})",
-        f"- Length predictor: **{predictor}**",
-        "",
-        "## How to read this",
-        "",
-        "- **Vanilla, fixed-α and int8 runs do not depend on the budget**: each ran once per task with no "
-        "deadline, keeping its per-token timestamps (from the request's start) and token ids; every budget and "
-        "policy below is applied to that trace. TimeBill's methods ran once per task *and* budget (their plan "
-        "depends on T), with the engine's deadline guard on.",
-        "- **Completion** (the paper's): the full answer — ended by EOS or N_max, not cut by a deadline — was "
-        "delivered within T, and the job was not skipped. A TimeBill job its guard stopped at T is *not* "
-        "completed (under Kill it scores 0; under guard its partial answer is scored). A job TimeBill refused "
-        "because even its predicted prefill exceeds T is not completed and scores 0.",
-        "- **Kill**: a job that would overrun is terminated at T, score 0. **Skip-Next**: jobs are released "
-        "every T seconds in suite order; an overrunning job runs to its end (score 0) and jobs released "
-        "meanwhile are skipped (score 0). TimeBill jobs never run past their guard, so they skip nothing. "
-        "**guard** (ours): the job stops at T and its partial answer is scored as is.",
-        "- Cells are *average score ×100 (completion rate)*, averaged over all jobs. Metrics: QA F1 "
-        "(retrieval), code edit similarity (code), ROUGE-L (chat), as LongBench computes them "
-        "(`timebill.bench.metrics` says where ours differ).",
-        "",
-        "## Methods",
-        "",
-        *_method_lines(data, predictor),
-        "",
-        "## Budgets",
-        "",
-        data.budget_note or "–",
-        "",
-        "## Sanity: vanilla (α = 0, no deadline) per task kind",
-        "",
-        *_sanity_table(data, scorer),
-        "",
-    ]
+        + f"{tasks_note})"
+    )
+
+
+def _results(
+    data: BenchData, ev: Evaluation, scorer: Scorer, out: Path, predictor: str, budgets: list[str], fig6: Path | None
+) -> list[str]:
+    """Everything after the header: methods, budgets, sanity, tables per policy, claims, k sweep, plots."""
+    md = ["", *_HOW_TO_READ, "", "## Methods", "", *_method_lines(data, predictor), "", "## Budgets", "", *budgets]
+    md += ["", "## Sanity: vanilla (α = 0, no deadline) per task kind", "", *_sanity_table(data, scorer), ""]
     for policy in POLICIES:
-        md += [f"## Average score (completion rate) — {policy}", "", *_policy_table(data, ev, policy), ""]
+        md += [f"## Average score (completion rate) — {policy}", "", *_policy_table(data.methods, ev, policy), ""]
     md += [
         "## The paper's claims, checked (Kill)",
         "",
         f"Target: at every budget TimeBill's average score ≥ {PAPER_SCORE_RATIO:.2f} × the best fixed-α baseline's, "
         f"with completion ≥ fixed α = 95 %'s.",
         "",
-        *_claims(data, ev, "kill"),
+        *_claims(data.methods, ev, "kill"),
         "",
         "Skip-Next:",
         "",
-        *_claims(data, ev, "skip-next"),
+        *_claims(data.methods, ev, "skip-next"),
         "",
         "What makes a budget hard (share of jobs):",
         "",
-        *_diagnostics(data),
+        *_diagnostics(ev),
         "",
     ]
     if ev.k_cells:
         ks = sorted(ev.k_cells)
         md += [
-            f"## k sweep (Kill, T = {data.budgets[0]:g} s)",
+            f"## k sweep (Kill, {ev.tightest})",
             "",
             "| k | " + " | ".join(str(k) for k in ks) + " |",
             "|---|" + "---|" * len(ks),
@@ -360,24 +487,94 @@ def write_report(data: BenchData, out_dir: str | os.PathLike[str], scorer: Score
             f"(k = {DEFAULT_K} is the `timebill` method's runs at this budget.)",
             "",
         ]
-    plots = [*_plot_fig7(data, ev, out), _plot_fig8(data, ev, out), _plot_fig6(data, out)]
+    plots = [*_plot_fig7(data.methods, ev, out), _plot_fig8(ev, out), fig6]
     md += ["## Plots", ""]
     md += [f"- `{p.name}`" for p in plots if p is not None]
     md += ["", "![score and completion vs budget, Kill](fig7_kill.png)", ""]
     if ev.missing:
         md += ["## Missing runs (cells shown as –)", "", *[f"- {m}" for m in ev.missing], ""]
+    return md
+
+
+def write_report(data: BenchData, out_dir: str | os.PathLike[str], scorer: Scorer, info: dict[str, Any]) -> Path:
+    """Write ``results.md`` and the plots into ``out_dir``; returns the markdown's path.
+
+    ``info``: command, threads, torch, model_id, predictor (label), when (ISO date; default now).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ev = evaluate(data, scorer)
+    when = info.get("when") or datetime.now(timezone.utc).isoformat(timespec="seconds")
+    predictor = str(info.get("predictor", "?"))
+    part = data.meta.get("part")
+    md: list[str] = [
+        f"# TimeBill time-budget benchmark — {data.suite.name}" + (f" (part {part})" if part else ""),
+        "",
+        f"- Command: `{info.get('command') or data.meta.get('command', '?')}`",
+        f"- Date: {when}",
+        f"- Machine: {machine_description(int(info.get('threads', 0)), data.meta.get('machine', ''))}",
+        f"- Model: {info.get('model_id', '?')}, torch {info.get('torch', '?')}, decode paths "
+        + ", ".join(f"{w}: {p}" for w, p in sorted(data.meta.get("decode_paths", {}).items())),
+        _suite_line(data, f", --fraction {data.meta.get('fraction', 1.0):g}" + (f", --part {part}" if part else "")),
+        f"- Length predictor: **{predictor}**",
+    ]
+    fig6 = _plot_fig6(_loosest_timebill_records(data), data.budgets[-1] if data.budgets else None, out)
+    md += _results(data, ev, scorer, out, predictor, [data.budget_note or "–"], fig6)
     path = out / "results.md"
-    path.write_text("\n".join(md))
+    write_bytes_atomically(path, "\n".join(md).encode())
     return path
 
 
-def summary_lines(data: BenchData, scorer: Scorer, policy: str = "kill") -> list[str]:
-    """A compact text version of the main table for the terminal."""
-    ev = evaluate(data, scorer)
+def write_combined_report(
+    parts: Sequence[BenchData], out_dir: str | os.PathLike[str], scorer: Scorer, info: dict[str, Any]
+) -> Path:
+    """``results.md`` and plots for a run split into parts (:func:`combine`); returns the markdown's path.
+
+    ``info``: command, torch, model_id, predictor, when, and ``dirs`` (the parts' directories, in order).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ev, union = combine(parts, scorer)
+    when = info.get("when") or datetime.now(timezone.utc).isoformat(timespec="seconds")
+    predictor = str(info.get("predictor", "?"))
+    dirs = list(info.get("dirs") or ["?"] * len(parts))
+    md: list[str] = [
+        f"# TimeBill time-budget benchmark — {union.suite.name} ({len(parts)} parts combined)",
+        "",
+        f"- Command: `{info.get('command', '?')}`",
+        f"- Date: {when}",
+        f"- Model: {info.get('model_id', '?')}, torch {info.get('torch', '?')}",
+        _suite_line(union, f", in {len(parts)} parts"),
+        f"- Length predictor: **{predictor}**",
+        "",
+        "Each part ran on one machine, with budgets chosen from its own vanilla times at the same percentiles; "
+        "a column is a budget *level* (that percentile) and a cell is the job-weighted mean over the parts "
+        "(Skip-Next streams run per part, at that part's T).",
+        "",
+        "| part | directory | machine | threads | tasks | command | budgets (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for p, d in zip(parts, dirs, strict=True):
+        md.append(
+            f"| {p.meta.get('part') or '–'} | `{d}` | {p.meta.get('machine') or '?'} | {p.meta.get('threads', '?')} | "
+            f"{len(p.tasks)} | `{p.meta.get('command') or '?'}` | {', '.join(f'{b:g}' for b in p.budgets)} |"
+        )
+    recs = [r for p in parts for r in _loosest_timebill_records(p)]
+    budget_lines = [f"- part {p.meta.get('part') or i}: {p.budget_note or '–'}" for i, p in enumerate(parts)]
+    md += _results(union, ev, scorer, out, predictor, budget_lines, _plot_fig6(recs, None, out))
+    path = out / "results.md"
+    write_bytes_atomically(path, "\n".join(md).encode())
+    return path
+
+
+def summary_lines(data: BenchData, scorer: Scorer, policy: str = "kill", ev: Evaluation | None = None) -> list[str]:
+    """A compact text version of the main table for the terminal (``ev``: a combined evaluation)."""
+    ev = ev or evaluate(data, scorer)
     lines = [f"{policy}: average score ×100 (completion %) per budget"]
     width = max((len(m.name) for m in data.methods), default=8)
-    lines.append(" " * width + "  " + "  ".join(f"{b:>12g}s" for b in data.budgets))
+    cell = max([13, *(len(c.header) for c in ev.columns)])
+    lines.append(" " * width + "  " + "  ".join(f"{c.header:>{cell}}" for c in ev.columns))
     for method in data.methods:
-        cells = [_fmt(ev.cells.get((method.name, b, policy))) for b in data.budgets]
-        lines.append(f"{method.name:<{width}}  " + "  ".join(f"{c:>13}" for c in cells))
+        cells = [_fmt(ev.cells.get((method.name, c.key, policy))) for c in ev.columns]
+        lines.append(f"{method.name:<{width}}  " + "  ".join(f"{c:>{cell}}" for c in cells))
     return lines

@@ -2,7 +2,8 @@
 
 Layout of ``--out DIR``::
 
-    manifest.json          settings a resumed run must share (suite hash, model, threads) + chosen budgets
+    manifest.json          settings a resumed run must share (suite hash, model, threads, part, machine)
+                           + chosen budgets
     runs/<method>.jsonl    one line per finished run (a record of timings, token ids and stamps, text)
     results.md, *.png      the report (:mod:`timebill.bench.report`), rebuilt at the end of every run
 
@@ -12,6 +13,11 @@ then the k sweep at the tightest budget. Each run's record is appended, flushed 
 it ends, so killing the process loses at most the run in flight; a restart reads the files, ignores a
 torn last line (cutting it off before appending) and skips every key already there. A TimeBill record
 made with another length predictor does not count as done: swapping the predictor reruns only TimeBill.
+
+Timings from two machines cannot share budgets, so a directory belongs to the machine that started it:
+resuming its missing runs elsewhere is refused (rebuilding the report anywhere is fine). A full run
+longer than one machine is lent splits into ``--part I/N`` directories (each a stratified miniature of
+the suite with budgets from its own vanilla times), merged by ``timebill bench-combine``.
 """
 
 from __future__ import annotations
@@ -29,13 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from timebill.bench.methods import K_SWEEP, Method, Resources, k_sweep_method, method_registry
-from timebill.bench.suite import Suite, Task
+from timebill.bench.suite import Suite, Task, parse_part, read_suite, select_fraction, select_part
 from timebill.errors import InvalidInputError, TimeBillError
 from timebill.paths import fsync_dir, write_bytes_atomically
 
 MANIFEST_VERSION = 1
 BUDGET_QUANTILES = (0.2, 0.35, 0.5, 0.65, 0.8, 0.95)
-_IDENTITY = ("suite_sha256", "model_id", "model_fingerprint", "threads")
+_IDENTITY = ("suite_sha256", "model_id", "model_fingerprint", "threads", "part")
 
 
 class BenchError(TimeBillError):
@@ -54,6 +60,7 @@ class BenchOptions:
     progress: bool = True
     command: str = ""
     fraction: float = 1.0
+    part: str | None = None  # "I/N" when this directory holds one part of a split run
     run_missing: bool = True  # False: only read what is there (``--report-only``)
 
     def validate(self) -> None:
@@ -176,6 +183,25 @@ def check_manifest(found: dict[str, Any], expected: dict[str, Any], out_dir: Pat
         )
 
 
+def machine_id() -> str:
+    """What timings depend on beyond the settings in the manifest: the CPU model and how many there are."""
+    from timebill.estimator.store import cpu_model_name
+
+    return f"{cpu_model_name()} ({os.cpu_count()} logical CPUs)"
+
+
+def check_machine(manifest: dict[str, Any], out_dir: Path) -> None:
+    """Refuse to add runs measured on another machine to a directory (their times would share budgets)."""
+    here = machine_id()
+    there = manifest.get("machine")
+    if there is not None and there != here:
+        raise BenchError(
+            f"{out_dir} holds runs timed on {there}; this machine is {here}. Budgets come from vanilla's times, "
+            "so runs from two machines cannot be mixed: finish on that machine, or start another --out "
+            "(split a long run with --part I/N and merge the parts with `timebill bench-combine`)."
+        )
+
+
 def _selection_sha(tasks: Sequence[Task]) -> str:
     return hashlib.sha256("\n".join(t.id for t in tasks).encode()).hexdigest()[:16]
 
@@ -295,10 +321,18 @@ def run_benchmark(
         "model_id": getattr(source, "model_id", "?"),
         "model_fingerprint": getattr(source, "fingerprint", "?"),
         "threads": engine.threads,
+        "part": options.part,
     }
     manifest = load_manifest(out)
     if manifest is None:
-        manifest = {"format_version": MANIFEST_VERSION, **identity, "suite_path": suite.path}
+        manifest = {
+            "format_version": MANIFEST_VERSION,
+            **identity,
+            "suite_path": suite.path,
+            "fraction": options.fraction,
+            "machine": machine_id(),
+            "command": options.command,
+        }
     else:
         check_manifest(manifest, identity, out)
     save_manifest(out, manifest)
@@ -344,8 +378,12 @@ def run_benchmark(
     progress = _Progress(options.progress and options.run_missing, estimate)
 
     def execute(items: Sequence[tuple[Method, Task, float | None]]) -> None:
-        if not options.run_missing:
+        if not options.run_missing or not items:
             return
+        check_machine(manifest, out)
+        if "machine" not in manifest:  # a directory from before machines were recorded
+            manifest["machine"] = machine_id()
+            save_manifest(out, manifest)
         for method, task, budget in items:
             key = run_key(method.name, task.id, budget)
             with cpu_lock(options.cpu_lock):
@@ -404,5 +442,60 @@ def run_benchmark(
         methods=[*trace_methods, *budget_methods],
         k_methods=k_methods,
         records=records,
-        meta={"command": options.command, "fraction": options.fraction, "decode_paths": resources.decode_paths()},
+        meta={
+            "command": options.command or manifest.get("command", ""),
+            "fraction": options.fraction,
+            "part": options.part,
+            "machine": manifest.get("machine"),
+            "threads": engine.threads,
+            "decode_paths": resources.decode_paths(),
+        },
     )
+
+
+def runs_predictor(out_dir: str | os.PathLike[str]) -> str | None:
+    """The length predictor most of a directory's TimeBill runs were made with (None: no TimeBill runs)."""
+    from collections import Counter
+
+    labels = Counter(r.get("predictor") for r in read_runs(Path(out_dir) / "runs" / "timebill.jsonl").values())
+    return labels.most_common(1)[0][0] if labels else None
+
+
+def load_part(
+    resources: Resources,
+    out_dir: str | os.PathLike[str],
+    suite_path: str | os.PathLike[str] | None = None,
+    log: Callable[[str], None] = print,
+) -> BenchData:
+    """Read a finished ``timebill bench`` directory (a part of a split run, or a whole run); runs nothing.
+
+    The tasks are re-selected from the suite as the manifest says (fraction, part), the methods are those
+    with run files, and the budgets are the manifest's. ``resources.predictor_label`` picks which TimeBill
+    runs count (see :func:`runs_predictor`).
+    """
+    out = Path(out_dir)
+    manifest = load_manifest(out)
+    if manifest is None:
+        raise BenchError(f"{out} has no manifest.json: it is not a `timebill bench` output directory")
+    if not manifest.get("budgets"):
+        raise BenchError(f"{out} has no budgets yet: its vanilla runs are not finished")
+    suite = read_suite(suite_path or manifest["suite_path"])
+    tasks = select_fraction(suite.tasks, float(manifest.get("fraction", 1.0)))
+    if manifest.get("part"):
+        tasks = select_part(tasks, *parse_part(str(manifest["part"])))
+    present = {p.stem for p in (out / "runs").glob("*.jsonl")}
+    methods = [name for name in method_registry() if name in present]
+    swept = any(k_sweep_method(k).name in present - {"timebill"} for k in K_SWEEP)
+    k_sweep = K_SWEEP if swept else ()
+    options = BenchOptions(
+        methods=methods,
+        k_sweep=k_sweep,
+        progress=False,
+        fraction=float(manifest.get("fraction", 1.0)),
+        part=manifest.get("part"),
+        run_missing=False,
+    )
+    data = run_benchmark(resources, suite, tasks, out, options, log=log)
+    if manifest.get("budget_selection") != _selection_sha(tasks):
+        raise BenchError(f"{out}: the manifest's budgets were chosen for other tasks (was the suite changed?)")
+    return data

@@ -221,3 +221,41 @@ def select_fraction(tasks: Sequence[Task], fraction: float) -> list[Task]:
         ordered = sorted(group, key=lambda t: (t.prompt_tokens or len(t.prompt), t.id))
         chosen.update(ordered[min(len(ordered) - 1, int((i + 0.5) * len(ordered) / n))].id for i in range(n))
     return [t for t in tasks if t.id in chosen]
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    """``"I/N"`` (0-based, like ``rlp label --shard``) → (I, N); a clear error for anything else."""
+    try:
+        index_text, count_text = text.split("/")
+        index, count = int(index_text), int(count_text)
+    except ValueError:
+        raise InvalidInputError(f"--part must look like I/N (e.g. 0/4), got {text!r}") from None
+    if count < 1 or not 0 <= index < count:
+        raise InvalidInputError(f"--part {text}: need N >= 1 and 0 <= I < N")
+    return index, count
+
+
+def select_part(tasks: Sequence[Task], index: int, count: int) -> list[Task]:
+    """Part ``index`` of ``count`` disjoint parts that together hold every task, each a miniature suite.
+
+    Why parts: a full benchmark run can take longer than one machine is available, and timings from two
+    machines must not share budgets. Each part runs on one machine with budgets from its own vanilla
+    times, and ``timebill bench-combine`` merges the parts by budget *level*. So each part should look
+    like the whole suite: within a kind, tasks sorted by prompt length are dealt out in turn
+    (task j → part j mod count), so every part spans short and long prompts of every kind. The part
+    keeps the file's order (Skip-Next releases jobs in it).
+    """
+    if count < 1 or not 0 <= index < count:
+        raise InvalidInputError(f"part {index}/{count}: need count >= 1 and 0 <= index < count")
+    if count > len(tasks):
+        raise InvalidInputError(f"cannot split {len(tasks)} tasks into {count} parts")
+    by_kind: dict[str, list[Task]] = {}
+    for task in tasks:
+        by_kind.setdefault(task.kind, []).append(task)
+    chosen: set[str] = set()
+    offset = 0  # continue dealing where the previous kind stopped, so part sizes differ by at most one
+    for group in by_kind.values():
+        ordered = sorted(group, key=lambda t: (t.prompt_tokens or len(t.prompt), t.id))
+        chosen.update(t.id for j, t in enumerate(ordered) if (j + offset) % count == index)
+        offset += len(ordered)
+    return [t for t in tasks if t.id in chosen]
