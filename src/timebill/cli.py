@@ -687,8 +687,8 @@ def bench_combine(
             "predictor": label or "–",
             "dirs": list(parts),
         }
-        path = write_combined_report(data, out, scorer, info)
         ev, union = combine(data, scorer)
+        path = write_combined_report(data, (ev, union), out, scorer, info)
     except TimeBillError as exc:
         _fail(exc)
         return

@@ -24,7 +24,7 @@ from typing import Any
 
 from timebill.bench.methods import DEFAULT_K, STOP_REFUSED, Method, Scorer, outcome
 from timebill.bench.policies import POLICIES, PolicySummary
-from timebill.bench.runner import BenchData, BenchError, run_key
+from timebill.bench.runner import BenchData, BenchError, budget_quantiles, run_key
 from timebill.paths import write_bytes_atomically
 
 PAPER_SCORE_RATIO = 1.10  # the issue's target: TimeBill ≥ 1.10 × the best fixed α, at every budget
@@ -104,16 +104,11 @@ def _merge(summaries: Sequence[PolicySummary]) -> PolicySummary:
 
 def budget_levels(parts: Sequence[BenchData]) -> list[Column]:
     """Columns of a combined report: level i = every part's i-th budget (the same vanilla percentile)."""
-    from timebill.bench.runner import BUDGET_QUANTILES
-
     counts = {len(p.budgets) for p in parts}
     if len(counts) != 1:
         raise BenchError(f"the parts have different numbers of budgets ({sorted(counts)}); they cannot be combined")
-    n = counts.pop()
-    lo, hi = BUDGET_QUANTILES[0], BUDGET_QUANTILES[-1]
-    quantiles = [lo + (hi - lo) * i / (n - 1) for i in range(n)] if n > 1 else [lo]
     columns = []
-    for level, q in enumerate(quantiles):
+    for level, q in enumerate(budget_quantiles(counts.pop())):
         seconds = [p.budgets[level] for p in parts]
         span = f"{min(seconds):g} s" if min(seconds) == max(seconds) else f"{min(seconds):g}–{max(seconds):g} s"
         columns.append(Column(level, f"p{100 * q:.0f}: {span}", 100 * q))
@@ -160,17 +155,12 @@ def combine(parts: Sequence[BenchData], scorer: Scorer) -> tuple[Evaluation, Ben
     }
     diagnostics: dict[float, dict[str, tuple[int, int] | None]] = {}
     for col in columns:
-        merged: dict[str, tuple[int, int] | None] = {}
-        for ev, p in zip(evs, parts, strict=True):
-            for name, value in ev.diagnostics[p.budgets[int(col.key)]].items():
-                if name in merged and (merged[name] is None or value is None):
-                    merged[name] = None
-                elif value is not None:
-                    old = merged.get(name) or (0, 0)
-                    merged[name] = (old[0] + value[0], old[1] + value[1])
-                else:
-                    merged[name] = None
-        diagnostics[col.key] = merged
+        counts = [ev.diagnostics[p.budgets[int(col.key)]] for ev, p in zip(evs, parts, strict=True)]
+        diagnostics[col.key] = {}
+        for name in _DIAGNOSTICS:
+            found = [c[name] for c in counts if c.get(name) is not None]
+            whole = len(found) == len(counts)  # a share over some parts only would mislead
+            diagnostics[col.key][name] = (sum(h for h, _ in found), sum(n for _, n in found)) if whole else None
     order = {t.id: i for i, t in enumerate(parts[0].suite.tasks)}
     union = BenchData(
         suite=parts[0].suite,
@@ -526,15 +516,20 @@ def write_report(data: BenchData, out_dir: str | os.PathLike[str], scorer: Score
 
 
 def write_combined_report(
-    parts: Sequence[BenchData], out_dir: str | os.PathLike[str], scorer: Scorer, info: dict[str, Any]
+    parts: Sequence[BenchData],
+    combined: tuple[Evaluation, BenchData],
+    out_dir: str | os.PathLike[str],
+    scorer: Scorer,
+    info: dict[str, Any],
 ) -> Path:
-    """``results.md`` and plots for a run split into parts (:func:`combine`); returns the markdown's path.
+    """``results.md`` and plots for a run split into parts; returns the markdown's path.
 
-    ``info``: command, torch, model_id, predictor, when, and ``dirs`` (the parts' directories, in order).
+    ``combined``: what :func:`combine` returned for ``parts``. ``info``: command, torch, model_id,
+    predictor, when, and ``dirs`` (the parts' directories, in order).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ev, union = combine(parts, scorer)
+    ev, union = combined
     when = info.get("when") or datetime.now(timezone.utc).isoformat(timespec="seconds")
     predictor = str(info.get("predictor", "?"))
     dirs = list(info.get("dirs") or ["?"] * len(parts))

@@ -219,6 +219,12 @@ def _round_sig(x: float, digits: int = 3) -> float:
     return float(f"{x:.{digits}g}")
 
 
+def budget_quantiles(n: int) -> list[float]:
+    """The ``n`` evenly spaced quantiles (20th … 95th percentile) budgets are chosen at."""
+    lo, hi = BUDGET_QUANTILES[0], BUDGET_QUANTILES[-1]
+    return [lo + (hi - lo) * i / (n - 1) for i in range(n)] if n > 1 else [lo]
+
+
 def choose_budgets(vanilla_e2e_s: Sequence[float], n: int = len(BUDGET_QUANTILES)) -> tuple[list[float], str]:
     """Budgets at evenly spaced quantiles (20th … 95th percentile) of vanilla's end-to-end times.
 
@@ -229,8 +235,7 @@ def choose_budgets(vanilla_e2e_s: Sequence[float], n: int = len(BUDGET_QUANTILES
     values = sorted(v for v in vanilla_e2e_s if v == v)
     if not values:
         raise BenchError("no vanilla runs to choose budgets from; pass --budgets or include the vanilla method")
-    lo_q, hi_q = BUDGET_QUANTILES[0], BUDGET_QUANTILES[-1]
-    quantiles = [lo_q + (hi_q - lo_q) * i / (n - 1) for i in range(n)]
+    quantiles = budget_quantiles(n)
     budgets = sorted({_round_sig(_quantile(values, q)) for q in quantiles})
     done = [sum(v <= b for v in values) / len(values) for b in budgets]
     note = (
@@ -483,6 +488,8 @@ def load_part(
     tasks = select_fraction(suite.tasks, float(manifest.get("fraction", 1.0)))
     if manifest.get("part"):
         tasks = select_part(tasks, *parse_part(str(manifest["part"])))
+    if manifest.get("budget_selection") != _selection_sha(tasks):
+        raise BenchError(f"{out}: the manifest's budgets were chosen for other tasks (was the suite changed?)")
     present = {p.stem for p in (out / "runs").glob("*.jsonl")}
     methods = [name for name in method_registry() if name in present]
     swept = any(k_sweep_method(k).name in present - {"timebill"} for k in K_SWEEP)
@@ -495,7 +502,4 @@ def load_part(
         part=manifest.get("part"),
         run_missing=False,
     )
-    data = run_benchmark(resources, suite, tasks, out, options, log=log)
-    if manifest.get("budget_selection") != _selection_sha(tasks):
-        raise BenchError(f"{out}: the manifest's budgets were chosen for other tasks (was the suite changed?)")
-    return data
+    return run_benchmark(resources, suite, tasks, out, options, log=log)
