@@ -142,3 +142,18 @@ def test_runs_timed_on_another_machine_are_not_resumed_here(two_parts, tmp_path:
     (moved / "runs" / "vanilla.jsonl").write_text("\n".join(lines[:-1]) + "\n")
     with pytest.raises(BenchError, match="timed on Some Other CPU"):
         run_benchmark(resources, a.suite, a.tasks, moved, options, log=lambda _: None)
+
+
+def test_machine_signature_tells_apart_cpus_that_share_a_generic_name() -> None:
+    from timebill.estimator.store import cpu_signature
+
+    block = (
+        "processor\t: {p}\nvendor_id\t: AuthenticAMD\ncpu family\t: {f}\nmodel\t\t: {m}\n"
+        "model name\t: AMD EPYC\nstepping\t: 2\n"
+    )
+    zen1 = block.format(p=0, f=23, m=1) + "\n" + block.format(p=1, f=23, m=1)
+    zen3 = block.format(p=0, f=25, m=1)
+    assert cpu_signature(zen1) == "AMD EPYC (cpu family 23, model 1, stepping 2)"
+    assert cpu_signature(zen1) != cpu_signature(zen3)
+    # Without the numbers (not x86, or no /proc) it is the name as before.
+    assert cpu_signature("model name\t: Some  CPU\n") == "Some CPU"

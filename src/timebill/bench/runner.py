@@ -184,10 +184,11 @@ def check_manifest(found: dict[str, Any], expected: dict[str, Any], out_dir: Pat
 
 
 def machine_id() -> str:
-    """What timings depend on beyond the settings in the manifest: the CPU model and how many there are."""
-    from timebill.estimator.store import cpu_model_name
+    """What timings depend on beyond the settings in the manifest: the CPU (name, family, model,
+    stepping) and how many there are."""
+    from timebill.estimator.store import cpu_signature
 
-    return f"{cpu_model_name()} ({os.cpu_count()} logical CPUs)"
+    return f"{cpu_signature()}, {os.cpu_count()} logical CPUs"
 
 
 def check_machine(manifest: dict[str, Any], out_dir: Path) -> None:

@@ -71,6 +71,31 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def cpu_signature(cpuinfo: str | None = None) -> str:
+    """The CPU model name plus the family, model and stepping numbers that /proc/cpuinfo gives on x86.
+
+    Why not the name alone: a VM often shows a generic name ("AMD EPYC") that CPU generations two to
+    three times apart in speed share, and timings measured on one must not pass for the other's.
+    ``cpuinfo`` is the file's text (read here when None).
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+                cpuinfo = fh.read()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break  # the first processor's block describes them all
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip().lower(), value.strip())
+    numbers = [f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping") if fields.get(k)]
+    name = " ".join(fields.get("model name", "").split()) if cpuinfo else ""
+    name = name or cpu_model_name()
+    return f"{name} ({', '.join(numbers)})" if numbers else name
+
+
 def _usable_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
