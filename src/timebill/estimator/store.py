@@ -91,8 +91,7 @@ def cpu_signature(cpuinfo: str | None = None) -> str:
         key, _, value = line.partition(":")
         fields.setdefault(key.strip().lower(), value.strip())
     numbers = [f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping") if fields.get(k)]
-    name = " ".join(fields.get("model name", "").split()) if cpuinfo else ""
-    name = name or cpu_model_name()
+    name = " ".join(fields.get("model name", "").split()) or cpu_model_name()
     return f"{name} ({', '.join(numbers)})" if numbers else name
 
 
