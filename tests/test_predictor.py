@@ -14,7 +14,14 @@ from timebill.predictor.base import LengthPrediction, load_payload, save_payload
 from timebill.predictor.baselines import QuantileClasses
 from timebill.predictor.buckets import BucketSpec
 from timebill.predictor.conformal import ConformalBound, conformal_quantile, coverage
-from timebill.predictor.features import FeatureStore, target_feature_row, truncate_head_tail
+from timebill.predictor.features import (
+    FeatureStore,
+    extract_target_features,
+    full_and_truncated_rows,
+    target_feature_row,
+    target_feature_rows,
+    truncate_head_tail,
+)
 from timebill.predictor.heads import HeadConfig, train_head
 
 # The shipped predictors are trained on the target's real labels (`timebill rlp label`, then
@@ -150,6 +157,49 @@ def test_feature_store_resumes_and_drops_a_damaged_chunk(tmp_path):
     data = store.load()
     assert list(data["index"]) == [3, 1, 7] and data["emb"].shape == (3, 4)
     assert len(store.chunks()) == 2  # the damaged chunk was removed, to be recomputed
+
+
+@pytest.mark.slow
+def test_batched_feature_rows_equal_each_prompts_own_forward(engine):
+    prompts = [engine.encode(p) for p in ("Hi!", PROMPT, PROMPT + " Use rhymes, and keep it under ten lines.")]
+    assert len({len(ids) for ids in prompts}) == 3  # right padding of two of them is exercised
+    batched = target_feature_rows(engine.model, prompts, pad_id=7)
+    for ids, row in zip(prompts, batched, strict=True):
+        assert np.allclose(row, target_feature_row(engine.model, ids), rtol=1e-4, atol=1e-3)
+    with pytest.raises(PredictorError):
+        target_feature_rows(engine.model, [prompts[0], []])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n_keep", [20, 21])
+def test_truncated_row_reusing_the_full_forwards_head_equals_a_forward_of_the_truncation(engine, n_keep):
+    ids = engine.encode(PROMPT * 3)
+    assert len(ids) > n_keep
+    full, trunc = full_and_truncated_rows(engine.model, ids, n_keep)
+    assert np.allclose(full, target_feature_row(engine.model, ids), rtol=1e-4, atol=1e-3)
+    direct = target_feature_row(engine.model, truncate_head_tail(ids, n_keep))
+    assert np.allclose(trunc, direct, rtol=1e-4, atol=1e-3)
+    assert not np.allclose(trunc, full, rtol=1e-2, atol=1e-1)  # the truncation is a different input
+
+
+@pytest.mark.slow
+def test_feature_extraction_caches_batched_and_truncated_rows_by_index(engine, tmp_path):
+    prompts = [(5, PROMPT * 3), (2, "Hi!"), (9, PROMPT)]
+    store = extract_target_features(
+        engine, prompts, n_prompt_tokens=24, store=FeatureStore(tmp_path / "f"), progress=False
+    )
+    data = store.load()
+    assert sorted(int(i) for i in data["index"]) == [2, 5, 9]
+    for index, prompt in prompts:
+        ids = engine.encode(prompt)
+        row = list(data["index"]).index(index)
+        assert data["prompt_tokens"][row] == len(ids)
+        assert np.allclose(data["full"][row], target_feature_row(engine.model, ids), rtol=1e-4, atol=1e-3)
+        short = target_feature_row(engine.model, truncate_head_tail(ids, 24))
+        assert np.allclose(data["trunc"][row], short, rtol=1e-4, atol=1e-3)
+    chunks = store.chunks()
+    extract_target_features(engine, prompts, n_prompt_tokens=24, store=store, progress=False)
+    assert store.chunks() == chunks  # everything cached: nothing recomputed
 
 
 # ------------------------------------------------------------------------------ shipped predictors

@@ -46,6 +46,7 @@ DEFAULT_N_PROMPT_TOKENS = 512  # N_p: the RLP's input after head+tail truncation
 TARGET_BLOCKS = ("last", "mean", "mid_last", "mid_mean")  # order of the blocks in a target feature row
 ENCODER_MAX_TOKENS = 512  # BERT-class position limit
 DEFAULT_CHUNK = 32  # prompts per cached chunk (and per hold of the CPU lock)
+DEFAULT_BATCH_TOKENS = 2048  # padded tokens per batched forward of short prompts (feature extraction)
 
 
 # ------------------------------------------------------------------------------- feature choice
@@ -128,40 +129,107 @@ def _decoder(model: torch.nn.Module) -> torch.nn.Module:
 
 # ------------------------------------------------------------------------------- target features
 @contextmanager
-def _pooled_capture(model: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    """Forward hooks that pool the final-norm and middle-layer outputs of a batch-1 forward."""
+def _hidden_capture(model: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Forward hooks keeping the final-norm and middle-layer outputs ``(batch, seq, hidden)`` of the
+    latest forward (under the block prefixes ``""`` and ``"mid_"``)."""
     decoder = _decoder(model)
-    pooled: dict[str, torch.Tensor] = {}
+    hidden: dict[str, torch.Tensor] = {}
 
-    def pool(prefix: str) -> Callable:
+    def keep(prefix: str) -> Callable:
         def hook(_module: torch.nn.Module, _inputs: tuple, output: object) -> None:
-            hidden = output[0] if isinstance(output, tuple) else output  # (1, seq, hidden)
-            pooled[prefix + "last"] = hidden[0, -1].float().clone()
-            pooled[prefix + "mean"] = hidden[0].float().mean(0)
+            hidden[prefix] = output[0] if isinstance(output, tuple) else output
 
         return hook
 
     handles = [
-        decoder.norm.register_forward_hook(pool("")),
-        decoder.layers[middle_layer(model)].register_forward_hook(pool("mid_")),
+        decoder.norm.register_forward_hook(keep("")),
+        decoder.layers[middle_layer(model)].register_forward_hook(keep("mid_")),
     ]
     try:
-        yield pooled
+        yield hidden
     finally:
         for handle in handles:
             handle.remove()
 
 
+def _pool(states: dict[str, torch.Tensor]) -> np.ndarray:
+    """(len(TARGET_BLOCKS), hidden) row from per-prefix ``(seq, hidden)`` states of one prompt."""
+    pooled = {}
+    for prefix, h in states.items():
+        pooled[prefix + "last"] = h[-1].float()
+        pooled[prefix + "mean"] = h.float().mean(0)
+    return torch.stack([pooled[name] for name in TARGET_BLOCKS]).cpu().numpy()
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.inference_mode()
+def target_feature_rows(model: torch.nn.Module, batch: Sequence[Sequence[int]], pad_id: int = 0) -> np.ndarray:
+    """(n, len(TARGET_BLOCKS), hidden) rows of prompts forwarded together as one right-padded batch.
+
+    Why no attention mask: attention is causal, so a real token never sees the padding that follows
+    it; each prompt's states equal its batch-1 forward (up to float rounding of a different GEMM
+    shape). Batching is what makes the thousands of short chat prompts cheap on a CPU: a 40-token
+    batch-1 forward spends most of its time in per-op overhead and thin matrix products.
+    """
+    if not batch or any(not ids for ids in batch):
+        raise PredictorError("Cannot compute features of an empty prompt.")
+    width = max(len(ids) for ids in batch)
+    padded = [list(ids) + [pad_id] * (width - len(ids)) for ids in batch]
+    with _hidden_capture(model) as hidden:
+        # logits_to_keep=1: the LM head runs on one position only (the norm still sees all of them).
+        model(input_ids=torch.tensor(padded, device=_device(model)), use_cache=False, logits_to_keep=1)
+        states = dict(hidden)
+    return np.stack([_pool({k: v[i, : len(ids)] for k, v in states.items()}) for i, ids in enumerate(batch)])
+
+
 def target_feature_row(model: torch.nn.Module, ids: Sequence[int]) -> np.ndarray:
     """(len(TARGET_BLOCKS), hidden) pooled states of one forward of ``ids`` through ``model``."""
+    return target_feature_rows(model, [ids])[0]
+
+
+@torch.inference_mode()
+def full_and_truncated_rows(model: torch.nn.Module, ids: Sequence[int], n_keep: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of the full prompt and of its head+tail truncation to ``n_keep`` tokens, sharing the head.
+
+    The truncated input starts with the same ``n_keep // 2`` tokens as the full prompt, and attention
+    is causal, so their states (and keys/values) are those of the full forward: keep that forward's
+    cache cropped to the head and run only the tail on it (positions continue from the head, as in a
+    forward of the truncated input). That saves a quarter to half of the truncated forward per long
+    prompt.
+    """
     if not ids:
         raise PredictorError("Cannot compute features of an empty prompt.")
-    device = next(model.parameters()).device
-    with _pooled_capture(model) as pooled:
-        # logits_to_keep=1: the LM head runs on one token only (the norm still sees all of them).
-        model(input_ids=torch.tensor([list(ids)], device=device), use_cache=False, logits_to_keep=1)
-    return torch.stack([pooled[name] for name in TARGET_BLOCKS]).cpu().numpy()
+    head = n_keep // 2
+    if len(ids) <= n_keep or head == 0:
+        full = target_feature_row(model, ids)
+        short = truncate_head_tail(ids, n_keep)
+        return full, full if len(short) == len(ids) else target_feature_row(model, short)
+    device = _device(model)
+    with _hidden_capture(model) as hidden:
+        out = model(input_ids=torch.tensor([list(ids)], device=device), use_cache=True, logits_to_keep=1)
+        full_states = {k: v[0] for k, v in hidden.items()}
+        cache = out.past_key_values
+        cache.crop(head)
+        tail = list(ids[len(ids) - (n_keep - head) :])
+        model(input_ids=torch.tensor([tail], device=device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        trunc_states = {k: torch.cat([full_states[k][:head], v[0]]) for k, v in hidden.items()}
+    return _pool(full_states), _pool(trunc_states)
+
+
+def _padded_batches(lengths: Sequence[int], max_tokens: int) -> Iterator[list[int]]:
+    """Positions (into ``lengths``, sorted ascending) grouped so that a batch's padded size
+    ``count * longest`` stays within ``max_tokens`` (a prompt longer than that goes alone)."""
+    batch: list[int] = []
+    for pos, n in enumerate(lengths):
+        if batch and (len(batch) + 1) * n > max_tokens:
+            yield batch
+            batch = []
+        batch.append(pos)
+    if batch:
+        yield batch
 
 
 # ------------------------------------------------------------------------------ encoder features
@@ -315,6 +383,7 @@ def extract_target_features(
     cpu_lock_path: str | os.PathLike[str] | None = None,
     chunk: int = DEFAULT_CHUNK,
     progress: bool = True,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
 ) -> FeatureStore:
     """Cache target features of ``(index, prompt)`` pairs not cached yet; returns the store.
 
@@ -325,26 +394,32 @@ def extract_target_features(
 
     store = store or target_store(engine.source.model_id, engine.source.fingerprint, n_prompt_tokens)
     done = store.done()
-    todo = [(i, p) for i, p in prompts if i not in done]
+    todo = [(i, engine.encode(p)) for i, p in prompts if i not in done]
+    # Sorted by length, so that a chunk's short prompts batch with little padding; chunks are keyed
+    # by index, not order.
+    todo.sort(key=lambda item: len(item[1]))
+    pad_id = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
     with (
         cpu_lock(cpu_lock_path) as hold,
         tqdm(total=len(todo), unit="prompt", desc="target features", disable=not progress, file=sys.stderr) as bar,
     ):
         for part in _chunks(todo, chunk):
-            rows_full, rows_trunc, lengths = [], [], []
+            rows_full: list[np.ndarray] = []
+            rows_trunc: list[np.ndarray] = []
             with hold():
-                for _, prompt in part:
-                    ids = engine.encode(prompt)
-                    full = target_feature_row(engine.model, ids)
-                    short = truncate_head_tail(ids, n_prompt_tokens)
-                    trunc = full if len(short) == len(ids) else target_feature_row(engine.model, short)
+                fits = [ids for _, ids in part if len(ids) <= n_prompt_tokens]
+                for positions in _padded_batches([len(ids) for ids in fits], batch_tokens):
+                    rows = target_feature_rows(engine.model, [fits[p] for p in positions], pad_id)
+                    rows_full.extend(rows)
+                    rows_trunc.extend(rows)  # the truncated input is the prompt itself
+                for _, ids in part[len(fits) :]:
+                    full, trunc = full_and_truncated_rows(engine.model, ids, n_prompt_tokens)
                     rows_full.append(full)
                     rows_trunc.append(trunc)
-                    lengths.append(len(ids))
             store.write(
                 {
                     "index": np.array([i for i, _ in part], dtype=np.int64),
-                    "prompt_tokens": np.array(lengths, dtype=np.int64),
+                    "prompt_tokens": np.array([len(ids) for _, ids in part], dtype=np.int64),
                     "full": np.stack(rows_full).astype(np.float32),
                     "trunc": np.stack(rows_trunc).astype(np.float32),
                 }
