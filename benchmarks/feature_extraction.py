@@ -39,15 +39,8 @@ def one_by_one(engine: Engine, inputs: list[list[int]], n_keep: int) -> list[tup
 
 
 def batched(engine: Engine, inputs: list[list[int]], n_keep: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
-    fits = [i for i in order if len(inputs[i]) <= n_keep]
-    rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    for batch in F._padded_batches([len(inputs[i]) for i in fits], F.DEFAULT_BATCH_TOKENS):
-        for pos, row in zip(batch, F.target_feature_rows(engine.model, [inputs[fits[p]] for p in batch]), strict=True):
-            rows[fits[pos]] = (row, row)
-    for i in order[len(fits) :]:
-        rows[i] = F.full_and_truncated_rows(engine.model, inputs[i], n_keep)
-    return [rows[i] for i in range(len(inputs))]
+    full, trunc = F.feature_rows(inputs, engine.model, n_keep)
+    return list(zip(full, trunc, strict=True))
 
 
 def main() -> None:

@@ -219,6 +219,27 @@ def full_and_truncated_rows(model: torch.nn.Module, ids: Sequence[int], n_keep: 
     return _pool(full_states), _pool(trunc_states)
 
 
+def feature_rows(
+    inputs: Sequence[Sequence[int]],
+    model: torch.nn.Module,
+    n_keep: int,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    pad_id: int = 0,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Full and truncated rows of ``inputs`` (in their order): prompts that fit in ``n_keep`` tokens
+    go through in right-padded batches of similar length, longer ones via :func:`full_and_truncated_rows`."""
+    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
+    fits = [i for i in order if len(inputs[i]) <= n_keep]
+    rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for batch in _padded_batches([len(inputs[i]) for i in fits], batch_tokens):
+        batch_rows = target_feature_rows(model, [inputs[fits[p]] for p in batch], pad_id)
+        for p, row in zip(batch, batch_rows, strict=True):
+            rows[fits[p]] = (row, row)  # the truncated input is the prompt itself
+    for i in order[len(fits) :]:
+        rows[i] = full_and_truncated_rows(model, inputs[i], n_keep)
+    return [rows[i][0] for i in range(len(inputs))], [rows[i][1] for i in range(len(inputs))]
+
+
 def _padded_batches(lengths: Sequence[int], max_tokens: int) -> Iterator[list[int]]:
     """Positions (into ``lengths``, sorted ascending) grouped so that a batch's padded size
     ``count * longest`` stays within ``max_tokens`` (a prompt longer than that goes alone)."""
@@ -396,7 +417,7 @@ def extract_target_features(
     done = store.done()
     todo = [(i, engine.encode(p)) for i, p in prompts if i not in done]
     # Sorted by length, so that a chunk's short prompts batch with little padding; chunks are keyed
-    # by index, not order.
+    # by index, not order (feature_rows keeps each chunk's order).
     todo.sort(key=lambda item: len(item[1]))
     pad_id = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
     with (
@@ -404,18 +425,10 @@ def extract_target_features(
         tqdm(total=len(todo), unit="prompt", desc="target features", disable=not progress, file=sys.stderr) as bar,
     ):
         for part in _chunks(todo, chunk):
-            rows_full: list[np.ndarray] = []
-            rows_trunc: list[np.ndarray] = []
             with hold():
-                fits = [ids for _, ids in part if len(ids) <= n_prompt_tokens]
-                for positions in _padded_batches([len(ids) for ids in fits], batch_tokens):
-                    rows = target_feature_rows(engine.model, [fits[p] for p in positions], pad_id)
-                    rows_full.extend(rows)
-                    rows_trunc.extend(rows)  # the truncated input is the prompt itself
-                for _, ids in part[len(fits) :]:
-                    full, trunc = full_and_truncated_rows(engine.model, ids, n_prompt_tokens)
-                    rows_full.append(full)
-                    rows_trunc.append(trunc)
+                rows_full, rows_trunc = feature_rows(
+                    [ids for _, ids in part], engine.model, n_prompt_tokens, batch_tokens, pad_id
+                )
             store.write(
                 {
                     "index": np.array([i for i, _ in part], dtype=np.int64),
