@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from timebill.bench.runner import machine_id
 from timebill.engine import Engine
 from timebill.predictor.buckets import BucketSpec
 from timebill.predictor.experiment import (
@@ -91,14 +92,21 @@ def ablation(engine, data, feats, n_p, threads) -> str:
     return "\n".join(lines)
 
 
-def _median_time(fn, repeats: int) -> float:
-    times = []
+def _median_times(fns, repeats: int) -> list[float]:
+    """Median wall time of each function, the functions interleaved per repeat (A B A B …), so slow drift
+    of a shared machine hits every one alike; the CPU lock is held around each call."""
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        with holding(ARGS.cpu_lock):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, out in zip(fns, times, strict=True):
+            with holding(ARGS.cpu_lock):
+                t0 = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def _median_time(fn, repeats: int) -> float:
+    return _median_times([fn], repeats)[0]
 
 
 def timing(engine, data, rlp, probe, baselines, repeats: int) -> str:
@@ -107,8 +115,10 @@ def timing(engine, data, rlp, probe, baselines, repeats: int) -> str:
     ids = engine.encode("Summarise the following conversation starters.\n" + text[:20000], chat=True)
     ids = ids[:2048]
     prompt = engine.tokenizer.decode(ids, skip_special_tokens=True)
-    prefill = _median_time(lambda: engine.prefill(ids, capture=True), repeats)
-    prefill_hook = _median_time(lambda: engine.prefill(ids, capture=True, capture_hidden=True), repeats)
+    prefill, prefill_hook = _median_times(
+        [lambda: engine.prefill(ids, capture=True), lambda: engine.prefill(ids, capture=True, capture_hidden=True)],
+        repeats,
+    )
     state = engine.prefill(ids, capture=False, capture_hidden=True)
     hidden = state.extra["last_hidden"]
     rlp_t = _median_time(lambda: rlp.predict_ids(ids), repeats)
@@ -127,8 +137,8 @@ def timing(engine, data, rlp, probe, baselines, repeats: int) -> str:
         rows.append((f"{name} (MiniLM-L6 encode of the text, 512 tokens + head)", _median_time(
             lambda b=b: b.predict(prompt), repeats)))  # fmt: skip
     lines = [
-        f"Prompt: {len(ids)} tokens (chat template included); {engine.threads} threads; median of {repeats} "
-        "runs, each holding the CPU lock.",
+        f"Prompt: {len(ids)} tokens (chat template included); {engine.threads} threads on {machine_id()}; "
+        f"median of {repeats} runs, each holding the CPU lock (the two prefill rows interleaved).",
         "",
         "| what | time (ms) | ≤ prefill? |",
         "|---|---|---|",
@@ -176,6 +186,8 @@ def main() -> None:
 
     test_len = data.lengths["test"]
     eos_share = 1.0 - float(np.mean(test_len >= data.cap_tokens))
+    full = (counts["train"], counts["calibration"], counts["test"]) == (4000, 500, 500)
+    complete = "" if full else "; the label file was still growing"
     parts = [
         "# Response-length predictors: Table 1 on SmolLM2-135M-Instruct / ShareGPT",
         "",
@@ -185,7 +197,7 @@ def main() -> None:
         f"{BucketSpec(16, data.cap_tokens).num_classes} buckets, not the paper's 512).",
         "",
         f"Labelled prompts used: train {counts['train']}, calibration {counts['calibration']}, "
-        f"test {counts['test']} (of 4000/500/500; the label file was still growing). Test lengths: "
+        f"test {counts['test']} (of 4000/500/500{complete}). Test lengths: "
         f"mean {test_len.mean():.1f}, median {np.median(test_len):.0f}, {1 - eos_share:.1%} hit the cap.",
         "",
         PROVISIONAL_NOTE
