@@ -30,6 +30,7 @@ import torch
 from timebill.bench.runner import machine_id
 from timebill.engine import Engine
 from timebill.predictor.buckets import BucketSpec
+from timebill.predictor.data import DEFAULT_SPLIT_SIZES
 from timebill.predictor.experiment import (
     PROBE_FEATURES,
     RLP_FEATURES,
@@ -186,8 +187,8 @@ def main() -> None:
 
     test_len = data.lengths["test"]
     eos_share = 1.0 - float(np.mean(test_len >= data.cap_tokens))
-    full = (counts["train"], counts["calibration"], counts["test"]) == (4000, 500, 500)
-    complete = "" if full else "; the label file was still growing"
+    sizes = DEFAULT_SPLIT_SIZES
+    complete = "" if all(counts[k] >= n for k, n in sizes.items()) else "; the label file was still growing"
     parts = [
         "# Response-length predictors: Table 1 on SmolLM2-135M-Instruct / ShareGPT",
         "",
@@ -197,7 +198,7 @@ def main() -> None:
         f"{BucketSpec(16, data.cap_tokens).num_classes} buckets, not the paper's 512).",
         "",
         f"Labelled prompts used: train {counts['train']}, calibration {counts['calibration']}, "
-        f"test {counts['test']} (of 4000/500/500{complete}). Test lengths: "
+        f"test {counts['test']} (of {sizes['train']}/{sizes['calibration']}/{sizes['test']}{complete}). Test lengths: "
         f"mean {test_len.mean():.1f}, median {np.median(test_len):.0f}, {1 - eos_share:.1%} hit the cap.",
         "",
         PROVISIONAL_NOTE
