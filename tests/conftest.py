@@ -43,7 +43,8 @@ def estimator(engine):
     slopes = []
     for _ in range(3):
         est = ExecutionTimeEstimator.from_profile(profile_engine(engine, grid, progress=False))
-        slope = est.step_s(1536, recalibrated=False) / est.step_s(16, recalibrated=False) - 1.0
+        shortest, longest = grid.decode_n_kv[0], grid.decode_n_kv[-1]
+        slope = est.step_s(longest, recalibrated=False) / est.step_s(shortest, recalibrated=False) - 1.0
         if slope >= 0.03:
             return est
         slopes.append(round(slope, 4))
