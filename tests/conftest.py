@@ -40,10 +40,10 @@ def estimator(engine):
         max_retries=0,
         max_wait_s=0.0,
     )
+    shortest, longest = grid.decode_n_kv[0], grid.decode_n_kv[-1]
     slopes = []
     for _ in range(3):
         est = ExecutionTimeEstimator.from_profile(profile_engine(engine, grid, progress=False))
-        shortest, longest = grid.decode_n_kv[0], grid.decode_n_kv[-1]
         slope = est.step_s(longest, recalibrated=False) / est.step_s(shortest, recalibrated=False) - 1.0
         if slope >= 0.03:
             return est
