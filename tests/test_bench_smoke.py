@@ -63,6 +63,7 @@ def test_cli_bench_two_tasks_end_to_end_and_resumes(engine, estimator, tmp_path:
     report = (out / "results.md").read_text()
     for needed in ("constant:4", "## Sanity", "kill", "skip-next", "guard", "k sweep", "do not depend on the budget"):
         assert needed in report
+    assert "## Where the time goes" in report and "How `timebill` planned" in report
     for png in ("fig7_kill.png", "fig7_skip-next.png", "fig7_guard.png", "fig8_k_sweep.png"):
         assert (out / png).stat().st_size > 1000
     record = json.loads((out / "runs" / "vanilla.jsonl").read_text().splitlines()[0])

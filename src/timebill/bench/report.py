@@ -12,6 +12,7 @@ cell is the job-weighted mean of the parts' cells at that level (Skip-Next strea
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import platform
@@ -291,6 +292,145 @@ def _diagnostics(ev: Evaluation) -> list[str]:
     return lines
 
 
+# ----------------------------------------------------------------------------------- where time goes
+@dataclass(frozen=True)
+class DecodeCost:
+    """What one budget-independent method's runs cost: the numbers that say how much α can buy.
+
+    ``step_vs_vanilla`` is paired (the median over tasks of this method's step time over vanilla's on
+    the same task), so prompt lengths that differ between tasks do not pass for an effect of α.
+    """
+
+    method: str
+    runs: int
+    kept_kv: float  # median KV tokens kept after prefill (the prompt's, after eviction)
+    prefill_s: float  # median
+    step_ms: float  # median over runs of the run's median gap between consecutive tokens
+    step_vs_vanilla: float | None
+    tokens: float  # mean generated tokens
+    at_n_max: float  # share of runs that stopped at N_max, not at EOS
+
+
+def _step_ms(record: dict[str, Any]) -> float | None:
+    times = record.get("token_times_s") or []
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    return 1000 * statistics.median(gaps) if gaps else None
+
+
+def decode_costs(data: BenchData) -> list[DecodeCost]:
+    """Per budget-independent method, over its runs on ``data.tasks`` (methods with no runs are left out)."""
+    vanilla = data.records.get("vanilla", {})
+    base = {t.id: _step_ms(r) for t in data.tasks if (r := vanilla.get(run_key("vanilla", t.id, None)))}
+    rows = []
+    for method in data.methods:
+        if method.budgeted:
+            continue
+        runs = data.records.get(method.name, {})
+        recs = [(t, r) for t in data.tasks if (r := runs.get(run_key(method.name, t.id, None))) is not None]
+        steps = [(t, s) for t, r in recs if (s := _step_ms(r)) is not None]
+        if not recs or not steps:
+            continue
+        paired = [s / b for t, s in steps if (b := base.get(t.id))]
+        rows.append(
+            DecodeCost(
+                method=method.name,
+                runs=len(recs),
+                kept_kv=statistics.median(r.get("kept_kv_tokens", r.get("prompt_tokens", 0)) for _, r in recs),
+                prefill_s=statistics.median(r.get("prefill_s", 0.0) for _, r in recs),
+                step_ms=statistics.median(s for _, s in steps),
+                step_vs_vanilla=statistics.median(paired) if paired else None,
+                tokens=statistics.fmean(len(r["token_ids"]) for _, r in recs),
+                at_n_max=sum(r["stop_reason"] == "max_tokens" for _, r in recs) / len(recs),
+            )
+        )
+    return rows
+
+
+@dataclass(frozen=True)
+class PlanStats:
+    """How the ``timebill`` method planned over all its runs: where k·N̂ lands, and how good the time model was."""
+
+    planned: int  # runs that planned (not refused)
+    refused: int
+    capped: float  # share of planned runs whose N̂_W = min(k·N̂, N_max) is N_max
+    n_hat_over_n_max: float  # median N̂ / N_max
+    alpha_zero: float  # share that chose α = 0
+    alpha_top: float  # share that chose α ≥ 0.95 (the cap)
+    infeasible: float  # share whose worst case did not fit even at the cap
+    prefill_ratio: tuple[float, float]  # measured / predicted prefill: median, 90th percentile
+    e2e_ratio: tuple[float, float]  # measured / predicted e2e at the generated length: median, 90th percentile
+
+
+def _median_p90(values: Sequence[float]) -> tuple[float, float]:
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan, math.nan
+    return statistics.median(ordered), ordered[min(len(ordered) - 1, math.ceil(0.9 * len(ordered)) - 1)]
+
+
+def plan_stats(data: BenchData, method: str = "timebill") -> PlanStats | None:
+    """Over every run of ``method`` on ``data.tasks`` at any budget; None when it has no runs."""
+    ids = {t.id for t in data.tasks}
+    recs = [r for r in data.records.get(method, {}).values() if r.get("task_id") in ids]
+    if not recs:
+        return None
+    planned = [r for r in recs if r.get("stop_reason") != STOP_REFUSED and "alpha" in r]
+    n = max(len(planned), 1)
+
+    def ratios(measured: str, predicted: str) -> tuple[float, float]:
+        return _median_p90([r[measured] / r[predicted] for r in planned if r.get(predicted) and measured in r])
+
+    return PlanStats(
+        planned=len(planned),
+        refused=len(recs) - len(planned),
+        capped=sum(r.get("n_worst") == r.get("max_new_tokens") for r in planned) / n,
+        n_hat_over_n_max=statistics.median(r["n_hat"] / r["max_new_tokens"] for r in planned if "n_hat" in r)
+        if any("n_hat" in r for r in planned)
+        else math.nan,
+        alpha_zero=sum(r["alpha"] == 0 for r in planned) / n,
+        alpha_top=sum(r["alpha"] >= 0.95 - 1e-9 for r in planned) / n,
+        infeasible=sum(r.get("feasible") is False for r in planned) / n,
+        prefill_ratio=ratios("prefill_s", "predicted_prefill_s"),
+        e2e_ratio=ratios("e2e_s", "predicted_e2e_s"),
+    )
+
+
+def _where_time_goes(data: BenchData) -> list[str]:
+    """Measured costs behind the claims: how much a decode step gets cheaper with α, and how TimeBill planned."""
+    rows = decode_costs(data)
+    md: list[str] = []
+    if rows:
+        md += [
+            "Decode cost per method (runs with no deadline; a step is the median gap between consecutive tokens):",
+            "",
+            "| method | runs | kept KV (median) | prefill s (median) | decode ms/step (median) "
+            "| step vs vanilla (paired median) | tokens (mean) | stopped at N_max |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for c in rows:
+            paired = "–" if c.step_vs_vanilla is None else f"{c.step_vs_vanilla:.2f}×"
+            md.append(
+                f"| {c.method} | {c.runs} | {c.kept_kv:.0f} | {c.prefill_s:.2f} | {c.step_ms:.1f} | {paired} | "
+                f"{c.tokens:.0f} | {100 * c.at_n_max:.0f} % |"
+            )
+        md.append("")
+    stats = plan_stats(data)
+    if stats is not None:
+        md += [
+            f"How `timebill` planned ({stats.planned} planned runs, {stats.refused} refused, all budgets):",
+            "",
+            f"- N̂_W = min(k·N̂, N_max) was N_max in **{100 * stats.capped:.0f} %** of planned runs "
+            f"(median N̂ / N_max = {stats.n_hat_over_n_max:.2f}), so the plan budgets the longest answer allowed.",
+            f"- α chosen: 0 in {100 * stats.alpha_zero:.0f} %, the cap 0.95 in {100 * stats.alpha_top:.0f} %; "
+            f"the worst case did not fit even at the cap in {100 * stats.infeasible:.0f} %.",
+            f"- Time model, measured / predicted: prefill {stats.prefill_ratio[0]:.2f} (median), "
+            f"{stats.prefill_ratio[1]:.2f} (p90); end to end at the generated length "
+            f"{stats.e2e_ratio[0]:.2f} (median), {stats.e2e_ratio[1]:.2f} (p90).",
+            "",
+        ]
+    return md
+
+
 # ------------------------------------------------------------------------------------------- plots
 def _plot_fig7(methods: Sequence[Method], ev: Evaluation, out: Path) -> list[Path]:
     import matplotlib
@@ -463,6 +603,9 @@ def _results(
         "",
         *_diagnostics(ev),
         "",
+        "## Where the time goes",
+        "",
+        *_where_time_goes(data),
     ]
     if ev.k_cells:
         ks = sorted(ev.k_cells)

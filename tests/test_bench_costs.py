@@ -1,0 +1,106 @@
+"""The report's "where the time goes" numbers: decode cost per method (paired with vanilla) and TimeBill's plan stats.
+
+Hand-built run records with known timestamps, so every number below is computed by hand.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from timebill.bench.methods import STOP_REFUSED, method_registry
+from timebill.bench.report import decode_costs, plan_stats
+from timebill.bench.runner import BenchData, run_key
+from timebill.bench.suite import Suite, Task
+
+TASKS = [Task(f"t{i}", "chat", "rouge", "p", ("r",), 8) for i in range(2)]
+
+
+def _trace(task: Task, method: str, step_s: float, n: int, start: float = 2.0, **extra) -> dict:
+    """A run whose first token lands at ``start`` and the next ones every ``step_s``."""
+    return {
+        "key": run_key(method, task.id, None),
+        "task_id": task.id,
+        "token_ids": list(range(n)),
+        "token_times_s": [start + i * step_s for i in range(n)],
+        "stop_reason": "max_tokens" if n == task.max_new_tokens else "eos",
+        "prefill_s": start,
+        **extra,
+    }
+
+
+def _by_key(*records: dict) -> dict[str, dict]:
+    return {r["key"]: r for r in records}
+
+
+def _data(records: dict[str, dict[str, dict]], methods: list[str]) -> BenchData:
+    registry = method_registry()
+    suite = Suite({}, tuple(TASKS), "0" * 64, "costs.jsonl")
+    return BenchData(suite, list(TASKS), [5.0], "", [registry[m] for m in methods], [], records)
+
+
+def test_decode_cost_is_the_median_gap_and_its_ratio_to_vanilla_is_paired_by_task() -> None:
+    a, b = TASKS
+    records = {
+        # vanilla: task a steps at 100 ms, task b at 200 ms (a longer prompt, say)
+        "vanilla": _by_key(
+            _trace(a, "vanilla", 0.1, 8, kept_kv_tokens=100), _trace(b, "vanilla", 0.2, 4, kept_kv_tokens=300)
+        ),
+        # α = 0.5: 80 ms on a (0.8×) and 100 ms on b (0.5×); one slow outlier gap on b does not move b's median
+        "snapkv-0.5": _by_key(
+            _trace(a, "snapkv-0.5", 0.08, 3, kept_kv_tokens=50),
+            {**_trace(b, "snapkv-0.5", 0.1, 4, kept_kv_tokens=150), "token_times_s": [2.0, 2.1, 2.2, 9.0]},
+        ),
+        "snapkv-0.95": {},  # asked for but not run: left out, not a row of zeros
+    }
+    rows = {c.method: c for c in decode_costs(_data(records, ["vanilla", "snapkv-0.5", "snapkv-0.95", "timebill"]))}
+    assert set(rows) == {"vanilla", "snapkv-0.5"}  # timebill is budgeted: not a trace method
+    van, half = rows["vanilla"], rows["snapkv-0.5"]
+    assert van.step_ms == pytest.approx(150.0) and van.step_vs_vanilla == pytest.approx(1.0)
+    assert half.step_ms == pytest.approx(90.0)  # median of 80 and 100
+    # paired: median(80/100, 100/200) = 0.65; the unpaired 90/150 = 0.60 would mix prompt lengths in
+    assert half.step_vs_vanilla == pytest.approx(0.65)
+    assert (half.runs, half.kept_kv, half.tokens) == (2, 100, 3.5)
+    assert van.at_n_max == pytest.approx(0.5) and half.at_n_max == 0  # a's vanilla run hit N_max = 8
+    assert van.prefill_s == pytest.approx(2.0)
+
+
+def _planned(task: Task, budget: float, **fields) -> dict:
+    return {
+        "key": run_key("timebill", task.id, budget),
+        "task_id": task.id,
+        "max_new_tokens": task.max_new_tokens,
+        "stop_reason": "eos",
+        **fields,
+    }
+
+
+def test_plan_stats_count_capped_worst_cases_alpha_choices_and_time_model_error() -> None:
+    a, b = TASKS
+    runs = [
+        _planned(a, 5.0, alpha=0.0, n_hat=64.0, n_worst=8, feasible=True, prefill_s=2.0, predicted_prefill_s=1.0,
+                 e2e_s=3.0, predicted_e2e_s=3.0),
+        _planned(b, 5.0, alpha=0.95, n_hat=1.0, n_worst=5, feasible=False, prefill_s=1.0, predicted_prefill_s=1.0,
+                 e2e_s=2.0, predicted_e2e_s=4.0),
+        _planned(a, 9.0, alpha=0.3, n_hat=16.0, n_worst=8, feasible=True, prefill_s=3.0, predicted_prefill_s=2.0,
+                 e2e_s=4.0, predicted_e2e_s=4.0),
+        {"key": run_key("timebill", b.id, 9.0), "task_id": b.id, "stop_reason": STOP_REFUSED},
+        {"key": run_key("timebill", "other", 9.0), "task_id": "other", "stop_reason": STOP_REFUSED},  # not a task here
+    ]  # fmt: skip
+    stats = plan_stats(_data({"timebill": _by_key(*runs)}, ["timebill"]))
+    assert stats is not None
+    assert (stats.planned, stats.refused) == (3, 1)
+    assert stats.capped == pytest.approx(2 / 3)  # n_worst == N_max = 8 in two of three
+    assert stats.n_hat_over_n_max == pytest.approx(2.0)  # median of 8, 1/8, 2
+    assert (stats.alpha_zero, stats.alpha_top, stats.infeasible) == pytest.approx((1 / 3, 1 / 3, 1 / 3))
+    assert stats.prefill_ratio == pytest.approx((1.5, 2.0))  # ratios 2, 1, 1.5
+    assert stats.e2e_ratio == pytest.approx((1.0, 1.0))  # ratios 1, 0.5, 1
+
+
+def test_plan_stats_without_runs_is_none_and_with_only_refusals_has_no_ratios() -> None:
+    assert plan_stats(_data({}, ["timebill"])) is None
+    refused = {"key": run_key("timebill", "t0", 5.0), "task_id": "t0", "stop_reason": STOP_REFUSED}
+    stats = plan_stats(_data({"timebill": _by_key(refused)}, ["timebill"]))
+    assert stats is not None and (stats.planned, stats.refused) == (0, 1)
+    assert math.isnan(stats.prefill_ratio[0]) and math.isnan(stats.n_hat_over_n_max)
