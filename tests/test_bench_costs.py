@@ -10,7 +10,7 @@ import math
 import pytest
 
 from timebill.bench.methods import STOP_REFUSED, method_registry
-from timebill.bench.report import decode_costs, plan_stats
+from timebill.bench.report import decode_costs, decode_paths, plan_stats
 from timebill.bench.runner import BenchData, run_key
 from timebill.bench.suite import Suite, Task
 
@@ -104,3 +104,18 @@ def test_plan_stats_without_runs_is_none_and_with_only_refusals_has_no_ratios() 
     stats = plan_stats(_data({"timebill": _by_key(refused)}, ["timebill"]))
     assert stats is not None and (stats.planned, stats.refused) == (0, 1)
     assert math.isnan(stats.prefill_ratio[0]) and math.isnan(stats.n_hat_over_n_max)
+
+
+def test_decode_paths_come_from_the_records_not_only_from_the_engines_loaded_now() -> None:
+    a, b = TASKS
+    records = {
+        "vanilla": _by_key(_trace(a, "vanilla", 0.1, 3, decode_path="fast-fp32")),
+        # a run resumed on an install whose fast path was off: both paths are named, not the last one
+        "snapkv-0.5": _by_key(
+            _trace(a, "snapkv-0.5", 0.1, 3, decode_path="fast-fp32"), _trace(b, "snapkv-0.5", 0.1, 3, decode_path="hf")
+        ),
+        "int8": _by_key(_trace(a, "int8", 0.05, 3, decode_path="fast-int8")),
+    }
+    data = _data(records, ["vanilla", "snapkv-0.5", "int8", "int4"])
+    data.meta["decode_paths"] = {"fp32": "fast-fp32", "int4": "fast-int4"}  # a rebuild loaded no int8 engine
+    assert decode_paths(data) == {"fp32": "fast-fp32 + hf", "int8": "fast-int8", "int4": "fast-int4"}

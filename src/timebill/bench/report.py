@@ -535,6 +535,29 @@ def machine_description(threads: int, recorded: str | None = None) -> str:
     return f"{cpu_model_name()}, {os.cpu_count()} logical CPUs, {threads} torch threads, {platform.platform()}"
 
 
+def decode_paths(data: BenchData) -> dict[str, str]:
+    """Decode path per weight format, as the run records say (the engines that made them may not be loaded now).
+
+    A rebuilt report (``--report-only``, ``bench-combine``) loads no int8/int4 engine, so the manifest's
+    live view would miss them; the records carry the path each run really took. Two paths for one format
+    (a run resumed on an older install) are both named.
+    """
+    found: dict[str, set[str]] = {}
+    for method in [*data.methods, *data.k_methods]:
+        weights = getattr(method, "weights", "fp32")
+        for record in data.records.get(method.name, {}).values():
+            if record.get("decode_path"):
+                found.setdefault(weights, set()).add(str(record["decode_path"]))
+    for weights, path in data.meta.get("decode_paths", {}).items():
+        found.setdefault(weights, {path})  # a format with no runs yet: what the live engine would use
+    return {w: " + ".join(sorted(paths)) for w, paths in found.items()}
+
+
+def _decode_path_words(data: BenchData) -> str:
+    paths = decode_paths(data)
+    return ", ".join(f"{w}: {p}" for w, p in sorted(paths.items())) if paths else "–"
+
+
 def _method_lines(data: BenchData, predictor_label: str) -> list[str]:
     lines = []
     for method in [*data.methods, *[m for m in data.k_methods if m.name not in {x.name for x in data.methods}]]:
@@ -647,7 +670,7 @@ def write_report(data: BenchData, out_dir: str | os.PathLike[str], scorer: Score
         f"- Date: {when}",
         f"- Machine: {machine_description(int(info.get('threads', 0)), data.meta.get('machine', ''))}",
         f"- Model: {info.get('model_id', '?')}, torch {info.get('torch', '?')}, decode paths "
-        + ", ".join(f"{w}: {p}" for w, p in sorted(data.meta.get("decode_paths", {}).items())),
+        + _decode_path_words(data),
         _suite_line(data, f", --fraction {data.meta.get('fraction', 1.0):g}" + (f", --part {part}" if part else "")),
         f"- Length predictor: **{predictor}**",
     ]
@@ -681,7 +704,8 @@ def write_combined_report(
         "",
         f"- Command: `{info.get('command', '?')}`",
         f"- Date: {when}",
-        f"- Model: {info.get('model_id', '?')}, torch {info.get('torch', '?')}",
+        f"- Model: {info.get('model_id', '?')}, torch {info.get('torch', '?')}, decode paths "
+        + _decode_path_words(union),
         _suite_line(union, f", in {len(parts)} parts"),
         f"- Length predictor: **{predictor}**",
         "",
