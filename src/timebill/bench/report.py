@@ -27,6 +27,7 @@ from timebill.bench.methods import DEFAULT_K, STOP_REFUSED, Method, Scorer, outc
 from timebill.bench.policies import POLICIES, PolicySummary
 from timebill.bench.runner import BenchData, BenchError, budget_quantiles, run_key
 from timebill.paths import write_bytes_atomically
+from timebill.planner import DEFAULT_ALPHA_MAX
 
 PAPER_SCORE_RATIO = 1.10  # the target: TimeBill ≥ 1.10 × the best fixed α, at every budget
 COMPLETION_REFERENCE = "snapkv-0.95"
@@ -355,7 +356,7 @@ class PlanStats:
     capped: float  # share of planned runs whose N̂_W = min(k·N̂, N_max) is N_max
     n_hat_over_n_max: float  # median N̂ / N_max
     alpha_zero: float  # share that chose α = 0
-    alpha_top: float  # share that chose α ≥ 0.95 (the cap)
+    alpha_top: float  # share that chose α at the cap (the planner's default α_max)
     infeasible: float  # share whose worst case did not fit even at the cap
     prefill_ratio: tuple[float, float]  # measured / predicted prefill: median, 90th percentile
     e2e_ratio: tuple[float, float]  # measured / predicted e2e at the generated length: median, 90th percentile
@@ -388,7 +389,7 @@ def plan_stats(data: BenchData, method: str = "timebill") -> PlanStats | None:
         if any("n_hat" in r for r in planned)
         else math.nan,
         alpha_zero=sum(r["alpha"] == 0 for r in planned) / n,
-        alpha_top=sum(r["alpha"] >= 0.95 - 1e-9 for r in planned) / n,
+        alpha_top=sum(r["alpha"] >= DEFAULT_ALPHA_MAX - 1e-9 for r in planned) / n,
         infeasible=sum(r.get("feasible") is False for r in planned) / n,
         prefill_ratio=ratios("prefill_s", "predicted_prefill_s"),
         e2e_ratio=ratios("e2e_s", "predicted_e2e_s"),
@@ -421,8 +422,9 @@ def _where_time_goes(data: BenchData) -> list[str]:
             "",
             f"- N̂_W = min(k·N̂, N_max) was N_max in **{100 * stats.capped:.0f} %** of planned runs "
             f"(median N̂ / N_max = {stats.n_hat_over_n_max:.2f}), so the plan budgets the longest answer allowed.",
-            f"- α chosen: 0 in {100 * stats.alpha_zero:.0f} %, the cap 0.95 in {100 * stats.alpha_top:.0f} %; "
-            f"the worst case did not fit even at the cap in {100 * stats.infeasible:.0f} %.",
+            f"- α chosen: 0 in {100 * stats.alpha_zero:.0f} %, the cap {DEFAULT_ALPHA_MAX:g} in "
+            f"{100 * stats.alpha_top:.0f} %; the worst case did not fit even at the cap in "
+            f"{100 * stats.infeasible:.0f} %.",
             f"- Time model, measured / predicted: prefill {stats.prefill_ratio[0]:.2f} (median), "
             f"{stats.prefill_ratio[1]:.2f} (p90); end to end at the generated length "
             f"{stats.e2e_ratio[0]:.2f} (median), {stats.e2e_ratio[1]:.2f} (p90).",
