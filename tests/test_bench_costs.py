@@ -1,4 +1,5 @@
-"""The report's "where the time goes" numbers: decode cost per method (paired with vanilla) and TimeBill's plan stats.
+"""The report's own statistics: decode cost per method (paired with vanilla), TimeBill's plan stats, and the
+paired bootstrap interval of the claims' score ratio.
 
 Hand-built run records with known timestamps, so every number below is computed by hand.
 """
@@ -10,7 +11,7 @@ import math
 import pytest
 
 from timebill.bench.methods import STOP_REFUSED, method_registry
-from timebill.bench.report import decode_costs, decode_paths, plan_stats
+from timebill.bench.report import decode_costs, decode_paths, paired_ratio_interval, plan_stats
 from timebill.bench.runner import BenchData, run_key
 from timebill.bench.suite import Suite, Task
 
@@ -119,3 +120,31 @@ def test_decode_paths_come_from_the_records_not_only_from_the_engines_loaded_now
     data = _data(records, ["vanilla", "snapkv-0.5", "int8", "int4"])
     data.meta["decode_paths"] = {"fp32": "fast-fp32", "int4": "fast-int4"}  # a rebuild loaded no int8 engine
     assert decode_paths(data) == {"fp32": "fast-fp32 + hf", "int8": "fast-int8", "int4": "fast-int4"}
+
+
+def test_the_ratio_interval_is_paired_by_task() -> None:
+    # Tasks of very different difficulty, and a method exactly 1.5x the other on each: resampling
+    # tasks in pairs gives no spread at all (an unpaired bootstrap would be wide).
+    b = [(f"t{i}", 0.05 if i % 2 else 0.6) for i in range(20)]
+    a = [(t, 1.5 * x) for t, x in b]
+    assert paired_ratio_interval(a, b) == pytest.approx((1.5, 1.5))
+    assert paired_ratio_interval(b, b) == pytest.approx((1.0, 1.0))
+    # a task only one side scored does not count (a huge score there would move the ratio)
+    assert paired_ratio_interval([*a, ("extra", 100.0)], b) == pytest.approx((1.5, 1.5))
+
+
+def test_the_ratio_interval_covers_the_observed_ratio_and_is_reproducible() -> None:
+    b = [(f"t{i}", s) for i, s in enumerate([0, 1, 0.5, 0, 1, 0.2, 0.8, 0, 1, 0.4])]
+    a = [(f"t{i}", s) for i, s in enumerate([1, 0, 0.5, 0, 1, 0, 0.8, 0.3, 1, 0])]
+    observed = sum(x for _, x in a) / sum(y for _, y in b)
+    lo, hi = paired_ratio_interval(a, b)
+    assert lo < observed < hi and hi - lo > 0.2  # disagreeing tasks: a real spread
+    wide = paired_ratio_interval(a, b, level=0.99)
+    assert wide[0] <= lo and wide[1] >= hi
+    assert paired_ratio_interval(a, b) == (lo, hi)  # seeded
+
+
+def test_the_ratio_interval_is_none_without_enough_to_resample() -> None:
+    assert paired_ratio_interval([("t0", 1.0)], [("t0", 1.0)]) is None
+    assert paired_ratio_interval([("t0", 1.0), ("t1", 1.0)], [("u0", 1.0), ("u1", 1.0)]) is None  # nothing pairs
+    assert paired_ratio_interval([("t0", 0.0), ("t1", 0.0)], [("t0", 0.0), ("t1", 0.0)]) is None  # 0 / 0

@@ -106,6 +106,11 @@ def test_combined_cells_are_job_weighted_means_of_the_parts_by_budget_level(two_
                 assert merged.jobs == x.jobs + y.jobs == 4
                 assert merged.avg_score == pytest.approx((x.avg_score * x.jobs + y.avg_score * y.jobs) / 4)
                 assert merged.completion_rate == pytest.approx((x.completion_rate + y.completion_rate) / 2)
+            jobs = ev.kill_jobs[(method, level)]  # what the claims' bootstrap resamples: every part's jobs
+            assert sorted(t for t, _ in jobs) == sorted(t.id for t in union.tasks)
+            assert 100 * sum(score for _, score in jobs) / 4 == pytest.approx(
+                ev.cells[(method, level, "kill")].avg_score
+            )
     with pytest.raises(BenchError, match="overlap"):
         combine([a, a], scorer)
 
