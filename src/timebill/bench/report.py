@@ -79,8 +79,10 @@ def evaluate(data: BenchData, scorer: Scorer) -> Evaluation:
                 continue
             jobs = [outcome(r, t, budget, scorer) for r, t in zip(records, data.tasks, strict=True)]
             for name, policy in POLICIES.items():
-                cells[(method.name, budget, name)] = policy.summarise(jobs, budget)
-            kill_jobs[(method.name, budget)] = [(j.task_id, j.score) for j in POLICIES["kill"].apply(jobs, budget)]
+                scores = policy.apply(jobs, budget)
+                cells[(method.name, budget, name)] = PolicySummary.of(name, scores)
+                if name == "kill":
+                    kill_jobs[(method.name, budget)] = [(j.task_id, j.score) for j in scores]
     k_cells: dict[int, PolicySummary] = {}
     if data.budgets:
         tightest = data.budgets[0]
@@ -146,9 +148,15 @@ def combine(parts: Sequence[BenchData], scorer: Scorer) -> tuple[Evaluation, Ben
     columns = budget_levels(parts)
     evs = [evaluate(p, scorer) for p in parts]
     cells: dict[tuple[str, float, str], PolicySummary] = {}
+    kill_jobs: dict[tuple[str, float], list[tuple[str, float]]] = {}
     missing: list[str] = []
     for method in parts[0].methods:
         for col in columns:
+            found_jobs = [
+                ev.kill_jobs.get((method.name, p.budgets[int(col.key)])) for ev, p in zip(evs, parts, strict=True)
+            ]
+            if all(j is not None for j in found_jobs):
+                kill_jobs[(method.name, col.key)] = [job for jobs in found_jobs for job in jobs]  # type: ignore[union-attr]
             for policy in POLICIES:
                 found = [
                     ev.cells.get((method.name, p.budgets[int(col.key)], policy))
@@ -162,14 +170,6 @@ def combine(parts: Sequence[BenchData], scorer: Scorer) -> tuple[Evaluation, Ben
     k_cells = {
         k: _merge([ev.k_cells[k] for ev in evs]) for k in sorted(evs[0].k_cells) if all(k in ev.k_cells for ev in evs)
     }
-    kill_jobs: dict[tuple[str, float], list[tuple[str, float]]] = {}
-    for method in parts[0].methods:
-        for col in columns:
-            found_jobs = [
-                ev.kill_jobs.get((method.name, p.budgets[int(col.key)])) for ev, p in zip(evs, parts, strict=True)
-            ]
-            if all(j is not None for j in found_jobs):
-                kill_jobs[(method.name, col.key)] = [job for jobs in found_jobs for job in jobs]  # type: ignore[union-attr]
     diagnostics: dict[float, dict[str, tuple[int, int] | None]] = {}
     for col in columns:
         counts = [ev.diagnostics[p.budgets[int(col.key)]] for ev, p in zip(evs, parts, strict=True)]
@@ -243,6 +243,11 @@ def _sanity_table(data: BenchData, scorer: Scorer) -> list[str]:
     return lines
 
 
+def _upper_rank(ordered: Sequence[float], q: float) -> float:
+    """Nearest-rank q-quantile of sorted values (an observed value, not an interpolation between two)."""
+    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+
+
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_LEVEL = 0.90
 
@@ -284,7 +289,7 @@ def paired_ratio_interval(
         return None
     ratios.sort()
     tail = (1 - level) / 2
-    return ratios[int(tail * len(ratios))], ratios[min(len(ratios) - 1, math.ceil((1 - tail) * len(ratios)) - 1)]
+    return ratios[int(tail * len(ratios))], _upper_rank(ratios, 1 - tail)
 
 
 def _claims(methods: Sequence[Method], ev: Evaluation, policy: str) -> list[str]:
@@ -443,7 +448,7 @@ def _median_p90(values: Sequence[float]) -> tuple[float, float]:
     ordered = sorted(values)
     if not ordered:
         return math.nan, math.nan
-    return statistics.median(ordered), ordered[min(len(ordered) - 1, math.ceil(0.9 * len(ordered)) - 1)]
+    return statistics.median(ordered), _upper_rank(ordered, 0.9)
 
 
 def plan_stats(data: BenchData, method: str = "timebill") -> PlanStats | None:
@@ -462,9 +467,7 @@ def plan_stats(data: BenchData, method: str = "timebill") -> PlanStats | None:
         planned=len(planned),
         refused=len(recs) - len(planned),
         capped=sum(r.get("n_worst") == r.get("max_new_tokens") for r in planned) / n,
-        n_hat_over_n_max=statistics.median(r["n_hat"] / r["max_new_tokens"] for r in planned if "n_hat" in r)
-        if any("n_hat" in r for r in planned)
-        else math.nan,
+        n_hat_over_n_max=_median_p90([r["n_hat"] / r["max_new_tokens"] for r in planned if "n_hat" in r])[0],
         alpha_zero=sum(r["alpha"] == 0 for r in planned) / n,
         alpha_top=sum(r["alpha"] >= DEFAULT_ALPHA_MAX - 1e-9 for r in planned) / n,
         infeasible=sum(r.get("feasible") is False for r in planned) / n,
