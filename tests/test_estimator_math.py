@@ -418,3 +418,24 @@ def test_find_profile_mismatch(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="timebill.estimator.store"):
         assert find_profile(drift) is not None
     assert any("versions.torch" in r.getMessage() for r in caplog.records)
+
+
+def test_cpu_profile_key_tells_apart_generations_that_share_a_name() -> None:
+    from timebill.estimator.store import cpu_signature, device_string
+
+    # The key names the CPU by its signature (family/model/stepping on x86), not the bare marketing name.
+    assert device_string("cpu") == f"cpu:{cpu_signature()}"
+    assert (
+        cpu_signature()
+        in ProfileKey.current(
+            model_id="m", model_sha="s", dtype="float32", threads=2, press="snapkv", device="cpu"
+        ).host
+    )
+    # Two VMs both called "AMD EPYC" but two generations apart: the other's profile is refused by path.
+    zen1 = _key(device="cpu:AMD EPYC (cpu family 23, model 1, stepping 2)")
+    zen5 = _key(device="cpu:AMD EPYC (cpu family 26, model 2, stepping 1)")
+    assert zen1.slug() != zen5.slug()
+    save_profile(_profile(zen1))
+    assert find_profile(zen5) is None
+    with pytest.raises(ProfileError, match="device"):
+        find_profile(zen5, default_profile_path(zen1))

@@ -117,22 +117,24 @@ def _total_ram_gib() -> int:
 
 
 def host_fingerprint() -> str:
-    """Identify the hardware, not the machine's name: CPU model, usable cores, RAM in whole GiB.
+    """Identify the hardware, not the machine's name: CPU signature, usable cores, RAM in whole GiB.
 
     The hostname is deliberately NOT used: containers and CI runners get a random hostname on every
     start, which would invalidate a profile measured on identical hardware. Cores are the ones this
     process may run on (the cpuset), since that is what a container actually gets.
     """
-    return f"cpu={cpu_model_name()};cores={_usable_cpus()};ram_gib={_total_ram_gib()}"
+    return f"cpu={cpu_signature()};cores={_usable_cpus()};ram_gib={_total_ram_gib()}"
 
 
 def device_string(device: str = "cpu") -> str:
-    """``"cpu:<cpu model>"`` or ``"cuda:<gpu name>"``, the device component of a :class:`ProfileKey`.
+    """``"cpu:<cpu signature>"`` or ``"cuda:<gpu name>"``, the device component of a :class:`ProfileKey`.
 
-    torch is imported only for CUDA devices, so keying a CPU profile stays cheap.
+    A CPU is named by :func:`cpu_signature` (name plus family, model and stepping), not by its marketing
+    name alone: cloud VMs show "AMD EPYC" for generations of very different speed, and a profile timed
+    on one must be refused on another. torch is imported only for CUDA devices, so keying stays cheap.
     """
     if device == "cpu":
-        return f"cpu:{cpu_model_name()}"
+        return f"cpu:{cpu_signature()}"
     prefix, _, suffix = device.partition(":")
     if prefix == "cuda" and (suffix == "" or suffix.isdigit()):
         import torch
