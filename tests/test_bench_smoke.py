@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from length_predictors import ConstantPredictor
@@ -47,7 +49,9 @@ def _lines(directory: Path) -> dict[str, int]:
     return {p.stem: len(p.read_text().splitlines()) for p in sorted((directory / "runs").glob("*.jsonl"))}
 
 
-def test_cli_bench_two_tasks_end_to_end_and_resumes(engine, estimator, tmp_path: Path) -> None:
+def test_cli_bench_two_tasks_end_to_end_and_resumes(
+    engine, estimator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     profile = save_profile(estimator.profile, tmp_path / "profile.json")
     out = tmp_path / "out"
     args = ["bench", "--suite", str(_suite(tmp_path)), "--out", str(out), "--predictor", "constant:4"]
@@ -72,6 +76,15 @@ def test_cli_bench_two_tasks_end_to_end_and_resumes(engine, estimator, tmp_path:
     again = CliRunner().invoke(app, args)  # resumable: every key is done, nothing runs twice
     assert again.exit_code == 0, again.output
     assert _lines(out) == runs
+
+    monkeypatch.setattr(sys, "argv", ["timebill", *args, "--report-only"])  # what the report quotes
+    rebuilt = CliRunner().invoke(app, [*args, "--report-only"])  # runs nothing; names both commands
+    assert rebuilt.exit_code == 0, rebuilt.output
+    assert _lines(out) == runs
+    header = (out / "results.md").read_text().split("\n## ")[0]
+    assert f"- Command: `{json.loads((out / 'manifest.json').read_text())['command']}`" in header
+    assert "- Report rebuilt by: `timebill bench " in header and "--report-only`" in header
+    assert "; runs timed 20" in header and " UTC" in header
 
 
 def test_bench_api_with_a_stand_in_predictor_and_given_budgets(engine, estimator, tmp_path: Path) -> None:

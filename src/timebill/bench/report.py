@@ -606,6 +606,26 @@ def _plot_fig6(recs: Sequence[dict[str, Any]], loosest: float | None, out: Path)
 
 
 # ------------------------------------------------------------------------------------------ report
+def _runs_timed(data: BenchData) -> str:
+    """ ", runs timed <first> to <last> UTC" from the records' finish stamps ("" when none have one).
+
+    Why: a report rebuilt later (``--report-only``, a new report section) is dated the day it was
+    written, and a reader must still see when, and over how long, the timings were taken.
+    """
+    stamps = [
+        float(r["finished_at"])
+        for by_key in data.records.values()
+        for r in by_key.values()
+        if isinstance(r.get("finished_at"), (int, float))
+    ]
+    if not stamps:
+        return ""
+    first, last = (
+        datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M") for t in (min(stamps), max(stamps))
+    )
+    return f"; runs timed {first} to {last} UTC"
+
+
 def machine_description(threads: int, recorded: str | None = None) -> str:
     """The machine the runs were timed on, as the manifest recorded it ("": this one, None: not recorded)."""
     from timebill.estimator.store import cpu_model_name
@@ -748,8 +768,9 @@ def write_report(data: BenchData, out_dir: str | os.PathLike[str], scorer: Score
     md: list[str] = [
         f"# TimeBill time-budget benchmark — {data.suite.name}" + (f" (part {part})" if part else ""),
         "",
-        f"- Command: `{info.get('command') or data.meta.get('command', '?')}`",
-        f"- Date: {when}",
+        f"- Command: `{data.meta.get('command') or info.get('command', '?')}`",
+        *([f"- Report rebuilt by: `{data.meta['rebuilt_by']}`"] if data.meta.get("rebuilt_by") else []),
+        f"- Date: {when}" + _runs_timed(data),
         f"- Machine: {machine_description(int(info.get('threads', 0)), data.meta.get('machine', ''))}",
         f"- Model: {info.get('model_id', '?')}, torch {info.get('torch', '?')}, decode paths "
         + _decode_path_words(data),

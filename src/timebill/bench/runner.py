@@ -449,7 +449,9 @@ def run_benchmark(
         k_methods=k_methods,
         records=records,
         meta={
-            "command": options.command or manifest.get("command", ""),
+            # The command that timed the runs; a report rebuilt later names its own command separately.
+            "command": manifest.get("command") or options.command,
+            "rebuilt_by": None if options.run_missing else options.command,
             "fraction": options.fraction,
             "part": options.part,
             "machine": manifest.get("machine"),
