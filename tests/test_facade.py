@@ -97,7 +97,13 @@ def test_dry_run_plan_does_not_generate(timebill: TimeBill) -> None:
 
 
 def test_replanning_evicts_more_when_steps_slow_down(timebill: TimeBill) -> None:
-    """Inject a deterministic slowdown (each step sleeps): re-planning must shrink the KV mid-decode."""
+    """Inject a deterministic slowdown (each step sleeps): re-planning must shrink the KV mid-decode.
+
+    Under the paper's rule (``infeasible_slack=0``): a 3x slowdown cannot be absorbed by eviction, and
+    whether our default rule evicts anyway depends on how much of a step this host spends per cached
+    token (on the family-26 EPYC a 300-token prompt is ~3 % of a step, so it rightly keeps the prompt;
+    the next test covers that rule). The mechanism under test here is the mid-decode eviction itself.
+    """
     engine = timebill.engine
     n_x = len(engine.encode(PROMPT))
     stop_ids = engine.stop_ids
@@ -112,7 +118,9 @@ def test_replanning_evicts_more_when_steps_slow_down(timebill: TimeBill) -> None
             if i >= 4:
                 time.sleep(step * 2.0)
 
-        result = timebill.generate(PROMPT, time_budget=budget, max_new_tokens=48, step_hook=slow, replan=True)
+        result = timebill.generate(
+            PROMPT, time_budget=budget, max_new_tokens=48, step_hook=slow, replan=True, infeasible_slack=0
+        )
     finally:
         engine.stop_ids = stop_ids
     assert result.replans, "a 3x slowdown must trigger re-planning"
