@@ -265,14 +265,19 @@ def cpu_lock(path: str | None) -> Iterator[None]:
 
 
 class _Progress:
-    """A tqdm bar over the runs still to do (ETA included), or nothing when disabled."""
+    """A tqdm bar over the runs still to do (ETA included), or nothing when disabled.
+
+    The ETA uses the mean rate since the start (``smoothing=0``), not tqdm's default moving average:
+    run times swing 1000-fold between phases (a refused TimeBill run takes milliseconds, a long chat
+    answer minutes), and a moving average made the ETA jump between minutes and hours.
+    """
 
     def __init__(self, enabled: bool, total: int) -> None:
         self.bar = None
         if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit="run", desc="bench", file=sys.stderr, dynamic_ncols=True)
+            self.bar = tqdm(total=total, unit="run", desc="bench", file=sys.stderr, dynamic_ncols=True, smoothing=0.0)
 
     def write(self, message: str, log: Callable[[str], None]) -> None:
         """A message above the bar (printing past a live bar would splice the two on one line)."""
