@@ -607,7 +607,7 @@ def _plot_fig6(recs: Sequence[dict[str, Any]], loosest: float | None, out: Path)
 
 # ------------------------------------------------------------------------------------------ report
 def _runs_timed(data: BenchData) -> str:
-    """ ", runs timed <first> to <last> UTC" from the records' finish stamps ("" when none have one).
+    """The header's "; runs timed <first> to <last> UTC", from the records' finish stamps ("" if none).
 
     Why: a report rebuilt later (``--report-only``, a new report section) is dated the day it was
     written, and a reader must still see when, and over how long, the timings were taken.
