@@ -26,7 +26,7 @@ from typing import Any
 
 from timebill.bench.methods import DEFAULT_K, STOP_REFUSED, Method, Scorer, outcome
 from timebill.bench.policies import POLICIES, PolicySummary
-from timebill.bench.runner import BenchData, BenchError, budget_quantiles, run_key
+from timebill.bench.runner import BenchData, BenchError, budget_quantiles, machine_id, run_key
 from timebill.paths import write_bytes_atomically
 from timebill.planner import DEFAULT_ALPHA_MAX
 
@@ -627,14 +627,16 @@ def _runs_timed(data: BenchData) -> str:
 
 
 def machine_description(threads: int, recorded: str | None = None) -> str:
-    """The machine the runs were timed on, as the manifest recorded it ("": this one, None: not recorded)."""
-    from timebill.estimator.store import cpu_model_name
+    """The machine the runs were timed on, as the manifest recorded it ("": this one, None: not recorded).
 
+    "This one" is named by the runner's :func:`machine_id` (CPU signature and count), the same words a
+    manifest records, so two reports never describe one host in two ways.
+    """
     if recorded:
         return f"{recorded}, {threads} torch threads"
     if recorded is None:
-        return f"not recorded (these runs predate it); this report was built on {cpu_model_name()}"
-    return f"{cpu_model_name()}, {os.cpu_count()} logical CPUs, {threads} torch threads, {platform.platform()}"
+        return f"not recorded (these runs predate it); this report was built on {machine_id()}"
+    return f"{machine_id()}, {threads} torch threads, {platform.platform()}"
 
 
 def decode_paths(data: BenchData) -> dict[str, str]:
