@@ -11,7 +11,7 @@ import math
 import pytest
 
 from timebill.bench.methods import STOP_REFUSED, method_registry
-from timebill.bench.report import decode_costs, decode_paths, paired_ratio_interval, plan_stats
+from timebill.bench.report import _ratio_text, decode_costs, decode_paths, paired_ratio_interval, plan_stats
 from timebill.bench.runner import BenchData, run_key
 from timebill.bench.suite import Suite, Task
 
@@ -148,3 +148,13 @@ def test_the_ratio_interval_is_none_without_enough_to_resample() -> None:
     assert paired_ratio_interval([("t0", 1.0)], [("t0", 1.0)]) is None
     assert paired_ratio_interval([("t0", 1.0), ("t1", 1.0)], [("u0", 1.0), ("u1", 1.0)]) is None  # nothing pairs
     assert paired_ratio_interval([("t0", 0.0), ("t1", 0.0)], [("t0", 0.0), ("t1", 0.0)]) is None  # 0 / 0
+
+
+def test_a_reference_that_scored_on_one_task_only_gives_an_open_upper_end_printed_as_infinity() -> None:
+    # The reference scored on 1 task of 4: a quarter-power chance per resample that it drew none, far
+    # above the 5 % tail, so the upper end is infinite, and the report prints it as ∞, not "inf".
+    b = [("t0", 1.0), ("t1", 0.0), ("t2", 0.0), ("t3", 0.0)]
+    a = [("t0", 0.5), ("t1", 1.0), ("t2", 0.0), ("t3", 0.0)]
+    lo, hi = paired_ratio_interval(a, b)
+    assert math.isinf(hi) and math.isfinite(lo)
+    assert _ratio_text(hi) == "∞" and _ratio_text(lo) == f"{lo:.2f}"
