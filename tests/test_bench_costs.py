@@ -151,8 +151,9 @@ def test_the_ratio_interval_is_none_without_enough_to_resample() -> None:
 
 
 def test_a_reference_that_scored_on_one_task_only_gives_an_open_upper_end_printed_as_infinity() -> None:
-    # The reference scored on 1 task of 4: a quarter-power chance per resample that it drew none, far
-    # above the 5 % tail, so the upper end is infinite, and the report prints it as ∞, not "inf".
+    # The reference scored on 1 task of 4, so a resample draws none of it with chance (3/4)^4 ≈ 0.32 (a
+    # quarter of the kept resamples, once the all-zero ones are dropped), far above the 5 % tail: the
+    # upper end is infinite, and the report prints it as ∞, not "inf".
     b = [("t0", 1.0), ("t1", 0.0), ("t2", 0.0), ("t3", 0.0)]
     a = [("t0", 0.5), ("t1", 1.0), ("t2", 0.0), ("t3", 0.0)]
     lo, hi = paired_ratio_interval(a, b)

@@ -331,9 +331,13 @@ def _claims(methods: Sequence[Method], ev: Evaluation, policy: str) -> list[str]
             "",
             f"CI: paired percentile bootstrap over tasks ({BOOTSTRAP_RESAMPLES} resamples, seed 0). An interval wholly "
             "below 1.10 means the shortfall is not an accident of the task sample; the best fixed α is picked on the "
-            "full sample, which favours it slightly. An upper end of ∞ means at least "
-            f"{100 * (1 - BOOTSTRAP_LEVEL) / 2:.0f} % of resamples drew only tasks where the best fixed α scored 0.",
+            "full sample, which favours it slightly.",
         ]
+        if any("–∞)" in line for line in lines):
+            lines[-1] += (
+                f" An upper end of ∞ means at least {100 * (1 - BOOTSTRAP_LEVEL) / 2:.0f} % of resamples drew only "
+                "tasks where the best fixed α scored 0."
+            )
     return lines
 
 
