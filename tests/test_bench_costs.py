@@ -1,5 +1,5 @@
-"""The report's own statistics: decode cost per method (paired with vanilla), TimeBill's plan stats, and the
-paired bootstrap interval of the claims' score ratio.
+"""The report's own statistics: decode cost per method (paired with vanilla), TimeBill's plan stats, the
+paired bootstrap interval of the claims' score ratio, and the per-kind breakdown.
 
 Hand-built run records with known timestamps, so every number below is computed by hand.
 """
@@ -11,7 +11,17 @@ import math
 import pytest
 
 from timebill.bench.methods import STOP_REFUSED, method_registry
-from timebill.bench.report import _ratio_text, decode_costs, decode_paths, paired_ratio_interval, plan_stats
+from timebill.bench.report import (
+    Column,
+    Evaluation,
+    _by_kind_scores,
+    _ratio_text,
+    decode_costs,
+    decode_paths,
+    paired_ratio_interval,
+    plan_stats,
+    timebill_outcomes_by_kind,
+)
 from timebill.bench.runner import BenchData, run_key
 from timebill.bench.suite import Suite, Task
 
@@ -159,3 +169,60 @@ def test_a_reference_that_scored_on_one_task_only_gives_an_open_upper_end_printe
     lo, hi = paired_ratio_interval(a, b)
     assert math.isinf(hi) and math.isfinite(lo)
     assert _ratio_text(hi) == "∞" and _ratio_text(lo) == f"{lo:.2f}"
+
+
+def _budgeted(task: Task, budget: float, stop: str, e2e: float, alpha: float | None = None) -> dict:
+    rec = {
+        "key": run_key("timebill", task.id, budget),
+        "task_id": task.id,
+        "budget_s": budget,
+        "stop_reason": stop,
+        "e2e_s": e2e,
+        "token_times_s": [] if stop == STOP_REFUSED else [e2e],
+    }
+    return rec if alpha is None else {**rec, "alpha": alpha}
+
+
+def test_outcomes_by_kind_judge_vanilla_at_each_runs_own_budget_and_count_rescues_refusals_and_stops() -> None:
+    chat = Task("c", "chat", "rouge", "p", ("r",), 8)
+    code = Task("k", "code", "edit_sim", "p", ("r",), 8)
+    vanilla = {  # chat ends at 6 s, code at 3 s
+        "vanilla": _by_key({**_trace(chat, "vanilla", 0.5, 9, start=2.0), "e2e_s": 6.0, "stop_reason": "max_tokens"}),
+    }
+    vanilla["vanilla"].update(_by_key({**_trace(code, "vanilla", 0.1, 3, start=2.8), "e2e_s": 3.0}))
+    runs = [
+        _budgeted(chat, 4.0, STOP_REFUSED, 0.01),  # vanilla late at 4 s too
+        _budgeted(chat, 5.0, "max_tokens", 4.9, alpha=0.95),  # rescued: vanilla needs 6 s
+        _budgeted(chat, 7.0, "max_tokens", 6.0, alpha=0.0),  # both in time
+        _budgeted(code, 2.5, "deadline", 2.5, alpha=0.95),  # both late
+        _budgeted(code, 3.5, "eos", 3.6, alpha=0.5),  # ended by itself but after T: not in time
+    ]
+    records = {**vanilla, "timebill": _by_key(*runs)}
+    suite = Suite({}, (chat, code), "0" * 64, "kinds.jsonl")
+    registry = method_registry()
+    data = BenchData(suite, [chat, code], [], "", [registry["vanilla"], registry["timebill"]], [], records)
+    rows = {o.kind: o for o in timebill_outcomes_by_kind(data)}
+    c, k = rows["chat"], rows["code"]
+    assert (c.jobs, c.vanilla_in_time, c.in_time, c.rescued, c.refused, c.guard_stopped) == (3, 1, 2, 1, 1, 0)
+    assert (c.alpha_zero, c.alpha_top) == (1, 1)  # the refused job is in neither
+    assert (k.jobs, k.vanilla_in_time, k.in_time, k.rescued, k.refused, k.guard_stopped) == (2, 1, 0, 0, 0, 1)
+    assert (k.alpha_zero, k.alpha_top) == (0, 1)  # α = 0.5 is neither 0 nor the cap
+
+
+def test_scores_by_kind_average_only_that_kinds_jobs_per_column() -> None:
+    registry = method_registry()
+    cols = [Column(0, "p20", 20.0), Column(1, "p50", 50.0)]
+    kill = {
+        ("timebill", 0): [("a", 1.0), ("b", 0.0), ("c", 0.5)],
+        ("timebill", 1): [("a", 1.0), ("b", 1.0), ("c", 0.0)],
+        # vanilla has no runs at p50 yet: a dash, not a 0
+        ("vanilla", 0): [("a", 0.0), ("b", 0.0), ("c", 0.25)],
+    }
+    ev = Evaluation({}, {}, [], cols, kill_jobs=kill)
+    md = _by_kind_scores([registry["vanilla"], registry["timebill"]], ev, {"a": "chat", "b": "chat", "c": "code"})
+    text = "\n".join(md)
+    assert "**chat** (2 tasks)" in text and "**code** (1 task)" in text
+    chat_rows = md[md.index("**chat** (2 tasks), average score ×100 under Kill:") :]
+    assert "| vanilla | 0.0 | – |" in chat_rows[4] and "| timebill | 50.0 | 100.0 |" in chat_rows[5]
+    code_rows = md[md.index("**code** (1 task), average score ×100 under Kill:") :]
+    assert "| vanilla | 25.0 | – |" in code_rows[4] and "| timebill | 50.0 | 0.0 |" in code_rows[5]

@@ -324,6 +324,12 @@ class Scorer:
         return self._cache[cache_key]
 
 
+def finished_by(record: dict[str, Any], budget_s: float) -> bool:
+    """The run's full answer (ended by EOS or N_max, not cut) had come by ``budget_s``: the paper's completion."""
+    e2e = float(record.get("e2e_s", math.inf))
+    return record.get("stop_reason") in FINISHED_STOPS and bool(record.get("token_times_s")) and e2e <= budget_s
+
+
 def outcome(record: dict[str, Any], task: Task, budget_s: float, scorer: Scorer) -> JobOutcome:
     """Read one run record at budget T: finished by T? full and partial scores, processor time held.
 
@@ -333,7 +339,7 @@ def outcome(record: dict[str, Any], task: Task, budget_s: float, scorer: Scorer)
     """
     times = record.get("token_times_s", [])
     e2e = float(record.get("e2e_s", math.inf))
-    finished = record.get("stop_reason") in FINISHED_STOPS and bool(times) and e2e <= budget_s
+    finished = finished_by(record, budget_s)
     n_by_deadline = bisect.bisect_right(times, budget_s)
     key = str(record.get("key", ""))
     full = scorer.full(key, task, record) if finished else 0.0

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from timebill.bench.methods import DEFAULT_K, STOP_REFUSED, Method, Scorer, outcome
+from timebill.bench.methods import DEFAULT_K, STOP_REFUSED, Method, Scorer, finished_by, outcome
 from timebill.bench.policies import POLICIES, PolicySummary
 from timebill.bench.runner import BenchData, BenchError, budget_quantiles, machine_id, run_key
 from timebill.paths import write_bytes_atomically
@@ -525,6 +525,100 @@ def _where_time_goes(data: BenchData) -> list[str]:
     return md
 
 
+# ------------------------------------------------------------------------------------------- by kind
+def _by_kind_scores(methods: Sequence[Method], ev: Evaluation, kinds: dict[str, str]) -> list[str]:
+    """Kill score per task kind and budget: the suite mixes answers of 16 to 512 tokens, and an average over
+    them can hide that a method wins on one kind and loses on another. ``kinds``: task id -> kind."""
+    md: list[str] = []
+    for kind in sorted(set(kinds.values())):
+        n = sum(k == kind for k in kinds.values())
+        md += [
+            f"**{kind}** ({n} task{'' if n == 1 else 's'}), average score ×100 under Kill:",
+            "",
+            "| method | " + " | ".join(c.header for c in ev.columns) + " |",
+            "|---|" + "---|" * len(ev.columns),
+        ]
+        for method in methods:
+            cells = []
+            for col in ev.columns:
+                scores = [s for tid, s in ev.kill_jobs.get((method.name, col.key), []) if kinds.get(tid) == kind]
+                cells.append(f"{100 * statistics.fmean(scores):.1f}" if scores else "–")
+            md.append(f"| {method.name} | " + " | ".join(cells) + " |")
+        md.append("")
+    return md
+
+
+@dataclass(frozen=True)
+class KindOutcomes:
+    """How the ``timebill`` method's jobs of one task kind ended, over every budget, beside vanilla's trace."""
+
+    kind: str
+    jobs: int  # TimeBill runs (task × budget)
+    vanilla_in_time: int  # vanilla's full answer came by the same T
+    in_time: int  # TimeBill's full answer came by T
+    rescued: int  # in time where vanilla was late: what planning bought
+    refused: int  # predicted prefill alone exceeds T
+    guard_stopped: int  # planned, then stopped by the deadline guard
+    alpha_zero: int  # planned runs that chose α = 0
+    alpha_top: int  # planned runs that chose α at the cap
+
+
+def timebill_outcomes_by_kind(data: BenchData, method: str = "timebill") -> list[KindOutcomes]:
+    """Per task kind, over all of ``method``'s runs on ``data.tasks``: in time, rescued, refused, guard-stopped.
+
+    Budgets come from each record (``budget_s``), so this works on a combined run whose parts had
+    different budgets. Vanilla's trace is judged at the same T; a kind without TimeBill runs is left out.
+    """
+    kind_of = {t.id: t.kind for t in data.tasks}
+    vanilla = data.records.get("vanilla", {})
+    counts: dict[str, list[int]] = {}
+    for r in data.records.get(method, {}).values():
+        kind = kind_of.get(str(r.get("task_id")))
+        if kind is None or "budget_s" not in r:
+            continue
+        budget = float(r["budget_s"])
+        van = vanilla.get(run_key("vanilla", str(r["task_id"]), None))
+        van_ok = van is not None and finished_by(van, budget)
+        ok = finished_by(r, budget)
+        planned = r.get("stop_reason") != STOP_REFUSED and "alpha" in r
+        c = counts.setdefault(kind, [0] * 8)
+        flags = (
+            True,
+            van_ok,
+            ok,
+            ok and not van_ok,
+            r.get("stop_reason") == STOP_REFUSED,
+            r.get("stop_reason") == "deadline",
+            planned and r["alpha"] == 0,
+            planned and r["alpha"] >= DEFAULT_ALPHA_MAX - 1e-9,
+        )
+        for i, flag in enumerate(flags):
+            c[i] += bool(flag)
+    return [KindOutcomes(kind, *c) for kind, c in sorted(counts.items())]
+
+
+def _by_kind(methods: Sequence[Method], ev: Evaluation, data: BenchData) -> list[str]:
+    md = _by_kind_scores(methods, ev, {t.id: t.kind for t in data.tasks})
+    rows = timebill_outcomes_by_kind(data)
+    if rows:
+        md += [
+            "How `timebill`'s jobs ended, per kind (every task at every budget; vanilla's trace judged at the same T):",
+            "",
+            "| kind | jobs | vanilla in time | TimeBill in time | in time where vanilla was late | refused "
+            "| guard-stopped | α = 0 | α at the cap |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for o in rows:
+            shares = [o.vanilla_in_time, o.in_time, o.rescued, o.refused, o.guard_stopped, o.alpha_zero, o.alpha_top]
+            md.append(f"| {o.kind} | {o.jobs} | " + " | ".join(f"{100 * x / o.jobs:.0f} %" for x in shares) + " |")
+        md += [
+            "",
+            "Shares are of all jobs of the kind; a refused job plans nothing, so it is in neither α column.",
+            "",
+        ]
+    return md
+
+
 # ------------------------------------------------------------------------------------------- plots
 def _plot_fig7(methods: Sequence[Method], ev: Evaluation, out: Path) -> list[Path]:
     import matplotlib
@@ -745,6 +839,9 @@ def _results(
         "## Where the time goes",
         "",
         *_where_time_goes(data),
+        "## By task kind",
+        "",
+        *_by_kind(data.methods, ev, data),
     ]
     if ev.k_cells:
         ks = sorted(ev.k_cells)
