@@ -463,13 +463,22 @@ def _median_p90(values: Sequence[float]) -> tuple[float, float]:
     return statistics.median(ordered), _upper_rank(ordered, 0.9)
 
 
+def _planned(record: dict[str, Any]) -> bool:
+    """A TimeBill run that made a plan (a refused one never chose an α)."""
+    return record.get("stop_reason") != STOP_REFUSED and "alpha" in record
+
+
+def _at_cap(alpha: float) -> bool:
+    return alpha >= DEFAULT_ALPHA_MAX - 1e-9
+
+
 def plan_stats(data: BenchData, method: str = "timebill") -> PlanStats | None:
     """Over every run of ``method`` on ``data.tasks`` at any budget; None when it has no runs."""
     ids = {t.id for t in data.tasks}
     recs = [r for r in data.records.get(method, {}).values() if r.get("task_id") in ids]
     if not recs:
         return None
-    planned = [r for r in recs if r.get("stop_reason") != STOP_REFUSED and "alpha" in r]
+    planned = [r for r in recs if _planned(r)]
     n = max(len(planned), 1)
 
     def ratios(measured: str, predicted: str) -> tuple[float, float]:
@@ -481,7 +490,7 @@ def plan_stats(data: BenchData, method: str = "timebill") -> PlanStats | None:
         capped=sum(r.get("n_worst") == r.get("max_new_tokens") for r in planned) / n,
         n_hat_over_n_max=_median_p90([r["n_hat"] / r["max_new_tokens"] for r in planned if "n_hat" in r])[0],
         alpha_zero=sum(r["alpha"] == 0 for r in planned) / n,
-        alpha_top=sum(r["alpha"] >= DEFAULT_ALPHA_MAX - 1e-9 for r in planned) / n,
+        alpha_top=sum(_at_cap(r["alpha"]) for r in planned) / n,
         infeasible=sum(r.get("feasible") is False for r in planned) / n,
         prefill_ratio=ratios("prefill_s", "predicted_prefill_s"),
         e2e_ratio=ratios("e2e_s", "predicted_e2e_s"),
@@ -580,7 +589,7 @@ def timebill_outcomes_by_kind(data: BenchData, method: str = "timebill") -> list
         van = vanilla.get(run_key("vanilla", str(r["task_id"]), None))
         van_ok = van is not None and finished_by(van, budget)
         ok = finished_by(r, budget)
-        planned = r.get("stop_reason") != STOP_REFUSED and "alpha" in r
+        planned = _planned(r)
         c = counts.setdefault(kind, [0] * 8)
         flags = (
             True,
@@ -590,7 +599,7 @@ def timebill_outcomes_by_kind(data: BenchData, method: str = "timebill") -> list
             r.get("stop_reason") == STOP_REFUSED,
             r.get("stop_reason") == "deadline",
             planned and r["alpha"] == 0,
-            planned and r["alpha"] >= DEFAULT_ALPHA_MAX - 1e-9,
+            planned and _at_cap(r["alpha"]),
         )
         for i, flag in enumerate(flags):
             c[i] += bool(flag)
