@@ -1,5 +1,6 @@
 """The report's own statistics: decode cost per method (paired with vanilla), TimeBill's plan stats, the
-paired bootstrap interval of the claims' score ratio, and the per-kind breakdown.
+paired bootstrap interval of the claims' score ratio, the per-kind breakdown, and where TimeBill's
+completion falls short of fixed α = 0.95's.
 
 Hand-built run records with known timestamps, so every number below is computed by hand.
 """
@@ -16,6 +17,7 @@ from timebill.bench.report import (
     Evaluation,
     _by_kind_scores,
     _ratio_text,
+    completion_gap,
     decode_costs,
     decode_paths,
     paired_ratio_interval,
@@ -226,3 +228,26 @@ def test_scores_by_kind_average_only_that_kinds_jobs_per_column() -> None:
     assert "| vanilla | 0.0 | – |" in chat_rows[4] and "| timebill | 50.0 | 100.0 |" in chat_rows[5]
     code_rows = md[md.index("**code** (1 task), average score ×100 under Kill:") :]
     assert "| vanilla | 25.0 | – |" in code_rows[4] and "| timebill | 50.0 | 0.0 |" in code_rows[5]
+
+
+def test_completion_gap_sorts_the_jobs_only_alpha_095_completed_by_how_timebill_ended() -> None:
+    tasks = [Task(f"g{i}", "code", "edit_sim", "p", ("r",), 8) for i in range(6)]
+    # α = 0.95's trace ends at 3 s on every task: in time at T = 4 s, late at T = 2.5 s
+    ref = _by_key(*({**_trace(t, "snapkv-0.95", 0.1, 8, start=2.3), "e2e_s": 3.0} for t in tasks))
+    runs = [
+        _budgeted(tasks[0], 4.0, STOP_REFUSED, 0.01),  # refused where the trace made it
+        _budgeted(tasks[1], 4.0, "deadline", 4.0, alpha=0.95),  # stopped at the cap
+        _budgeted(tasks[2], 4.0, "deadline", 4.0, alpha=0.3),  # stopped below the cap
+        _budgeted(tasks[3], 4.0, "eos", 4.2, alpha=0.0),  # ended by itself, after T: other
+        _budgeted(tasks[4], 4.0, "eos", 3.5, alpha=0.0),  # both in time: no gap
+        _budgeted(tasks[5], 2.5, "eos", 2.4, alpha=0.0),  # TimeBill in time, the trace late: the reverse
+    ]
+    suite = Suite({}, tuple(tasks), "0" * 64, "gap.jsonl")
+    registry = method_registry()
+    records = {"snapkv-0.95": ref, "timebill": _by_key(*runs)}
+    data = BenchData(suite, tasks, [], "", [registry["snapkv-0.95"], registry["timebill"]], [], records)
+    g = completion_gap(data)
+    assert g is not None
+    assert (g.jobs, g.reference_only, g.method_only) == (6, 4, 1)
+    assert (g.refused, g.stopped_at_cap, g.stopped_below_cap, g.other) == (1, 1, 1, 1)
+    assert completion_gap(BenchData(suite, tasks, [], "", [], [], {"timebill": _by_key(*runs)})) is None
