@@ -408,26 +408,25 @@ class CompletionGap:
 def completion_gap(data: BenchData, method: str = "timebill", reference: str = "snapkv-0.95") -> CompletionGap | None:
     """Pair each of ``method``'s runs with ``reference``'s trace judged at the run's own T (works on combined runs)."""
     ref_runs = data.records.get(reference, {})
-    c = [0] * 7
+    n = dict.fromkeys(CompletionGap.__dataclass_fields__, 0)
     for r in data.records.get(method, {}).values():
         ref = ref_runs.get(run_key(reference, str(r.get("task_id")), None))
         if ref is None or "budget_s" not in r:
             continue
         budget = float(r["budget_s"])
         ok, ref_ok = finished_by(r, budget), finished_by(ref, budget)
-        stopped = r.get("stop_reason") == "deadline"
-        flags = (
-            True,
-            ref_ok and not ok,
-            ref_ok and not ok and r.get("stop_reason") == STOP_REFUSED,
-            ref_ok and not ok and stopped and _planned(r) and _at_cap(r["alpha"]),
-            ref_ok and not ok and stopped and _planned(r) and not _at_cap(r["alpha"]),
-            ref_ok and not ok and r.get("stop_reason") != STOP_REFUSED and not (stopped and _planned(r)),
-            ok and not ref_ok,
-        )
-        for i, flag in enumerate(flags):
-            c[i] += bool(flag)
-    return CompletionGap(*c) if c[0] else None
+        n["jobs"] += 1
+        n["method_only"] += ok and not ref_ok
+        if ok or not ref_ok:
+            continue
+        n["reference_only"] += 1
+        if r.get("stop_reason") == STOP_REFUSED:
+            n["refused"] += 1
+        elif r.get("stop_reason") == "deadline" and _planned(r):
+            n["stopped_at_cap" if _at_cap(r["alpha"]) else "stopped_below_cap"] += 1
+        else:
+            n["other"] += 1
+    return CompletionGap(**n) if n["jobs"] else None
 
 
 def _completion_gap_lines(data: BenchData) -> list[str]:
