@@ -406,12 +406,17 @@ class CompletionGap:
 
 
 def completion_gap(data: BenchData, method: str = "timebill", reference: str = "snapkv-0.95") -> CompletionGap | None:
-    """Pair each of ``method``'s runs with ``reference``'s trace judged at the run's own T (works on combined runs)."""
+    """Pair each of ``method``'s runs with ``reference``'s trace judged at the run's own T (works on combined runs).
+
+    Only runs of ``data.tasks`` count, as in :func:`plan_stats` and the per-kind table: a run directory may
+    hold runs of tasks outside the selection being reported.
+    """
+    ids = {t.id for t in data.tasks}
     ref_runs = data.records.get(reference, {})
     n = dict.fromkeys(CompletionGap.__dataclass_fields__, 0)
     for r in data.records.get(method, {}).values():
         ref = ref_runs.get(run_key(reference, str(r.get("task_id")), None))
-        if ref is None or "budget_s" not in r:
+        if r.get("task_id") not in ids or ref is None or "budget_s" not in r:
             continue
         budget = float(r["budget_s"])
         ok, ref_ok = finished_by(r, budget), finished_by(ref, budget)
