@@ -121,7 +121,7 @@ def timing(engine, data, rlp, probe, baselines, repeats: int) -> str:
         repeats,
     )
     state = engine.prefill(ids, capture=False, capture_hidden=True)
-    hidden = state.extra["last_hidden"]
+    hidden = state.last_hidden
     rlp_t = _median_time(lambda: rlp.predict_ids(ids), repeats)
     rlp_full = replace_np(rlp, 4096)
     rlp_full_t = _median_time(lambda: rlp_full.predict_ids(ids), repeats)

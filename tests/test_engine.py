@@ -61,7 +61,7 @@ def test_eviction_changes_the_cache_contents_not_just_its_length(engine: Engine)
         originals = keys_before[0, head]
         for row in kept[0, head]:
             assert torch.isclose(originals, row).all(dim=-1).any()
-    assert torch.isfinite(full.extra["first_logits"]).all()
+    assert torch.isfinite(full.first_logits).all()
 
 
 @pytest.mark.parametrize("press", ["streaming", "knorm"])
@@ -182,3 +182,25 @@ def test_cli_prompt_too_long_exits_2() -> None:
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "8192" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--k", "0.5"], ["--bound", "magic"], ["--alpha-max", "1"], ["--infeasible-slack", "-1"], ["--top-p", "0"]],
+)
+def test_cli_bad_budgeted_options_exit_2_before_loading_anything(flags: list[str]) -> None:
+    result = runner.invoke(app, ["generate", "hi", "--budget", "5", "--model", "/no/such/dir", *flags])
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.output and "not found" not in result.output  # the options failed first
+
+
+def test_cli_budgeted_dry_run_prints_the_plan_record(estimator, tmp_path) -> None:
+    from timebill.estimator import save_profile
+
+    profile = save_profile(estimator.profile, tmp_path / "profile.json")
+    args = ["generate", "Name a colour.", "--budget", "30", "--dry-run", "--json", "--max-new-tokens", "40"]
+    result = runner.invoke(app, [*args, "--k", "2", "--profile", str(profile)])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output.strip().splitlines()[-1])
+    assert plan["budget_s"] == 30.0 and plan["feasible"] and plan["n_worst"] <= 40
+    assert plan["n_worst"] == min(40, math.ceil(2 * plan["n_hat"]))  # --k reached the planner

@@ -36,7 +36,7 @@ def test_generate_meets_a_roomy_budget_and_reports_the_plan(timebill: TimeBill) 
     assert plan.n_worst == min(24 * 5, 32)  # k = 5, capped by N_max = max_new_tokens
     assert plan.feasible and plan.alpha == 0.0  # plenty of time: no eviction
     assert result.deadline_met and result.measured_e2e_s <= 20.0
-    d = result.to_dict()
+    d = result.to_record()
     for key in ("n_hat", "n_worst", "alpha_star", "predicted_wcet_s", "measured_e2e_s", "t_predict_s", "feasible"):
         assert key in d
 
@@ -127,7 +127,7 @@ def test_replanning_evicts_more_when_steps_slow_down(timebill: TimeBill) -> None
     assert result.generation.kept_kv_tokens < n_x
     assert result.alpha > result.plan.alpha
     first = result.replans[0]
-    assert first["prompt_kv_after"] < first["prompt_kv_before"]
+    assert first.prompt_kv_after < first.prompt_kv_before
     assert result.measured_e2e_s <= budget * 1.05
 
 
@@ -201,3 +201,35 @@ def test_parallel_rlp_on_the_shared_backbone_does_not_disturb_the_prefill(engine
     assert result.plan.n_hat == max(rlp.predict(PROMPT).point, 1.0)  # the prediction was not disturbed
     vanilla = engine.generate(PROMPT, alpha=result.alpha, max_new_tokens=8)
     assert result.generation.token_ids == vanilla.token_ids  # nor was the prefill's KV and its eviction
+
+
+def test_least_time_answers_what_a_plan_at_a_huge_budget_would_and_runs_nothing(timebill: TimeBill) -> None:
+    """A server's admission asks "the least time this request needs" directly (it used to plan at 1e6 s)."""
+    prediction = ConstantPredictor(24).predict(PROMPT)
+    least = timebill.least_time(PROMPT, prediction=prediction, max_new_tokens=64)
+    huge = timebill.plan(PROMPT, 1e6, prediction=prediction, max_new_tokens=64)
+    assert least.seconds == huge.earliest_feasible_budget_s and least.seconds > least.predicted_prefill_s > 0
+    assert (least.n_x, least.n_worst) == (huge.n_x, huge.n_worst)
+    assert timebill.predictor.calls == 0
+
+
+def test_options_object_and_keyword_overrides_plan_alike(timebill: TimeBill) -> None:
+    from timebill.options import RequestOptions
+
+    prediction = ConstantPredictor(24).predict(PROMPT)
+    by_object = timebill.plan(PROMPT, 1.0, RequestOptions(max_new_tokens=40, k=2), prediction=prediction)
+    by_keyword = timebill.plan(PROMPT, 1.0, prediction=prediction, max_new_tokens=40, k=2)
+    assert by_object.plan == by_keyword.plan and by_object.n_worst == 40
+    with pytest.raises(InvalidInputError, match="unknown request option"):
+        timebill.plan(PROMPT, 1.0, prediction=prediction, max_tokens=40)
+
+
+def test_plan_record_is_flat_json_with_the_documented_keys(timebill: TimeBill) -> None:
+    import json
+
+    record = timebill.plan(PROMPT, 5.0, max_new_tokens=32).to_record()
+    assert json.loads(json.dumps(record)) == record
+    assert list(record) == [
+        "n_x", "n_hat", "bound", "n_worst", "alpha", "predicted_prefill_s", "predicted_decode_s",
+        "predicted_wcet_s", "t_predict_s", "feasible", "earliest_feasible_budget_s", "budget_s", "expected_e2e_s",
+    ]  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections.abc import Callable
@@ -16,7 +17,9 @@ from timebill.planner import (
     decode_phase_s,
     e2e_s,
     kept_kv_tokens,
+    least_time_s,
     plan,
+    replan_alpha,
     solve_alpha,
     solve_alpha_bruteforce,
     wcet_s,
@@ -512,8 +515,110 @@ def test_plan_to_dict_is_plain_data() -> None:
         "t_predict_s",
         "feasible",
         "earliest_feasible_budget_s",
+        "expected_e2e_s",
+        "spent_s",
+        "overhead_s",
     }
-    assert Plan(**data) == result
+    assert json.loads(json.dumps(data)) == data
+    assert Plan.from_dict(data) == result
     assert data["predicted_wcet_s"] == pytest.approx(
         data["t_predict_s"] + data["predicted_prefill_s"] + data["predicted_decode_s"]
     )
+
+
+# --- planning after prefill, the least time, re-planning ---------------------------------------------
+
+
+def test_spent_time_replaces_the_predicted_prefill_and_prediction_on_random_cases() -> None:
+    """After prefill the budget's spent part is measured: the plan must equal one whose prefill model *is*
+    that measurement (the arithmetic the facade used to fake with a=b=0, c=spent)."""
+    rng = random.Random(7)
+    for coef, n_x, n_worst, t_predict, budget, _ in random_cases()[:90]:
+        spent = rng.uniform(0.0, budget)
+        overhead = rng.uniform(0.0, 0.01)
+        faked = TimeCoefficients(a=0.0, b=0.0, c=spent + overhead, p=coef.p, q=coef.q)
+        ours = plan(
+            coef,
+            n_x,
+            budget,
+            10.0,
+            n_max=n_worst,
+            n_worst=n_worst,
+            t_predict_s=t_predict,
+            spent_s=spent,
+            overhead_s=overhead,
+        )
+        old = plan(faked, n_x, budget, 10.0, n_max=n_worst, n_worst=n_worst)
+        assert ours.alpha == pytest.approx(old.alpha, abs=1e-9)
+        assert ours.feasible == old.feasible
+        assert ours.predicted_wcet_s == pytest.approx(old.predicted_wcet_s, rel=1e-12)
+        assert ours.predicted_prefill_s == coef.prefill_s(n_x)  # the model's, reported; not what is charged
+        assert ours.spent_s == spent and ours.overhead_s == overhead
+
+
+def test_overhead_is_charged_before_decode_like_a_longer_prefill() -> None:
+    coef, n_x, n_worst, t_predict, budget, _ = random_cases()[0]
+    shifted = TimeCoefficients(a=coef.a, b=coef.b, c=coef.c + 0.004, p=coef.p, q=coef.q)
+    ours = plan(coef, n_x, budget, 10.0, n_max=n_worst, n_worst=n_worst, t_predict_s=t_predict, overhead_s=0.004)
+    folded = plan(shifted, n_x, budget, 10.0, n_max=n_worst, n_worst=n_worst, t_predict_s=t_predict)
+    assert ours.alpha == pytest.approx(folded.alpha, abs=1e-9)
+    assert ours.predicted_wcet_s == pytest.approx(folded.predicted_wcet_s, rel=1e-12)
+
+
+def test_least_time_is_the_plans_earliest_feasible_budget() -> None:
+    for coef, n_x, n_worst, t_predict, budget, _ in random_cases()[:60]:
+        for spent in (None, budget / 3):
+            kwargs = {"t_predict_s": t_predict, "spent_s": spent, "overhead_s": 0.002, "min_kept": 32}
+            full = plan(coef, n_x, budget, 1.0, n_max=n_worst, n_worst=n_worst, **kwargs)
+            assert least_time_s(coef, n_x, n_worst, **kwargs) == full.earliest_feasible_budget_s
+
+
+def test_expected_time_is_at_the_predicted_length_and_capped_by_the_budget() -> None:
+    roomy = plan(REALISTIC, 4000, 1e3, 20.0, n_max=512)
+    assert roomy.expected_e2e_s == pytest.approx(roomy.predicted_prefill_s + decode_phase_s(REALISTIC, 4000, 20))
+    assert roomy.expected_e2e_s < roomy.predicted_wcet_s
+    hopeless = plan(REALISTIC, 4000, 0.5, 20.0, n_max=512)
+    assert not hopeless.feasible and hopeless.expected_e2e_s == 0.5
+
+
+def remaining_time_s(coef: TimeCoefficients, pace: float, prompt_kv: float, generated: int, r: int) -> float:
+    """Independent restatement: r more steps, step j attends over prompt_kv + generated + j tokens."""
+    return sum(pace * (coef.p * (prompt_kv + generated + j) + coef.q) for j in range(r))
+
+
+REPLAN = {"pace": 1.5, "remaining_tokens": 60, "kv_len": 3040, "prompt_kv_len": 3000, "alpha": 0.0}
+
+
+def test_replan_does_nothing_when_on_time() -> None:
+    needed = remaining_time_s(REALISTIC, 1.5, 3000, 40, 60)
+    assert replan_alpha(REALISTIC, remaining_s=needed * 1.01, needed_s=needed, **REPLAN) is None
+
+
+def test_replan_evicts_just_enough_to_meet_the_remaining_time() -> None:
+    needed = remaining_time_s(REALISTIC, 1.5, 3000, 40, 60)
+    at_max = remaining_time_s(REALISTIC, 1.5, 3000 * 0.05, 40, 60)
+    remaining = (needed + at_max) / 2
+    extra = replan_alpha(REALISTIC, remaining_s=remaining, needed_s=needed, **REPLAN)
+    assert extra is not None and 0.0 < extra < 0.95
+    kept = 3000 * (1 - extra)
+    assert remaining_time_s(REALISTIC, 1.5, kept, 40, 60) == pytest.approx(remaining, rel=1e-9)  # exactly fits
+    assert remaining_time_s(REALISTIC, 1.5, kept + 1, 40, 60) > remaining  # a token less eviction would not
+
+
+def test_replan_never_passes_alpha_max_and_honours_the_slack_rule() -> None:
+    needed = remaining_time_s(REALISTIC, 1.5, 3000, 40, 60)
+    hopeless = remaining_time_s(REALISTIC, 1.5, 0, 40, 60) / 2
+    state = {**REPLAN, "alpha": 0.5}
+    extra = replan_alpha(REALISTIC, remaining_s=hopeless, needed_s=needed, alpha_max=0.95, **state)
+    assert 1 - (1 - 0.5) * (1 - extra) == pytest.approx(0.95)  # the total ratio stops at alpha_max
+    # With the slack rule, a step dominated by its constant q buys nothing from eviction: keep the prompt.
+    flat = TimeCoefficients(a=0.0, b=0.0, c=0.0, p=1e-9, q=0.02)
+    needed_flat = remaining_time_s(flat, 1.5, 3000, 40, 60)
+    assert (
+        replan_alpha(flat, remaining_s=needed_flat / 2, needed_s=needed_flat, infeasible_slack=0.02, **REPLAN) is None
+    )
+    assert replan_alpha(flat, remaining_s=needed_flat / 2, needed_s=needed_flat, **REPLAN) == pytest.approx(0.95)
+    # Already at alpha_max, or an eviction worth less than one token: nothing to do.
+    assert replan_alpha(REALISTIC, remaining_s=hopeless, needed_s=needed, **{**REPLAN, "alpha": 0.95}) is None
+    tiny = remaining_time_s(REALISTIC, 1.5, 2999.5, 40, 60)
+    assert replan_alpha(REALISTIC, remaining_s=tiny, needed_s=needed, **REPLAN) is None

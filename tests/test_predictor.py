@@ -220,10 +220,10 @@ def test_probe_reads_the_hidden_state_the_engine_prefill_captured(engine):
     probe = load_predictor(DEFAULT_PROBE_FILE, engine)
     ids = engine.encode(PROMPT)
     state = engine.prefill(ids, capture=False, capture_hidden=True)
-    from_prefill = probe.predict_hidden(state.extra["last_hidden"], len(ids))
+    from_prefill = probe.predict_hidden(state.last_hidden, len(ids))
     # The hook's state is the final-norm state at the last token: the same vector as the features.
     row = target_feature_row(engine.model, ids)
-    assert torch.allclose(state.extra["last_hidden"], torch.from_numpy(row[0]), atol=1e-4)
+    assert torch.allclose(state.last_hidden, torch.from_numpy(row[0]), atol=1e-4)
     assert from_prefill.point == probe.predict(PROMPT).point >= 1
 
 

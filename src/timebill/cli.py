@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from timebill.errors import InfeasibleBudgetError, InvalidInputError, ProfileError, TimeBillError
+from timebill.options import RequestOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="TimeBill: time-budgeted LLM inference.")
 
@@ -37,28 +38,10 @@ def _read_prompt(prompt: str) -> str:
     return prompt
 
 
-def _generate_budgeted(  # noqa: PLR0913 - mirrors the CLI flags one to one
-    prompt: str,
-    budget: str,
-    model: str | None,
-    threads: int | None,
-    weights: str,
-    profile: str | None,
-    predictor: str | None,
-    max_new_tokens: int,
-    k: float | None,
-    alpha_max: float | None,
-    bound: str | None,
-    delta: float | None,
-    infeasible_slack: float | None,
-    replan: bool,
-    dry_run: bool,
-    chat: bool,
-    temperature: float,
-    top_p: float,
-    seed: int | None,
-    as_json: bool,
+def _generate_budgeted(
+    prompt: str, budget: str, options: RequestOptions, *, dry_run: bool, chat: bool, as_json: bool, **load: Any
 ) -> None:
+    """``generate --budget``: load a TimeBill (``load``: model, threads, weights, profile, predictor) and answer."""
     from timebill.facade import TimeBill, parse_budget
 
     try:
@@ -66,27 +49,17 @@ def _generate_budgeted(  # noqa: PLR0913 - mirrors the CLI flags one to one
         budget_s = parse_budget(budget)
         if not text.strip():
             raise InvalidInputError("The prompt is empty; give some text to answer.")
-        tb = TimeBill.load(model, threads=threads, weights=weights, profile=profile, predictor=predictor)
-        opts = {
-            "max_new_tokens": max_new_tokens,
-            "k": k,
-            "alpha_max": alpha_max,
-            "bound": bound,
-            "delta": delta,
-            "infeasible_slack": infeasible_slack,
-        }
+        tb = TimeBill.load(**load, options=options)
         if dry_run:
-            plan = tb.plan(text, budget_s, chat=chat, **opts)
-            typer.echo(json.dumps(plan.__dict__) if as_json else plan.summary_line())
+            plan = tb.plan(text, budget_s, chat=chat)
+            typer.echo(json.dumps(plan.to_record()) if as_json else plan.summary_line())
             return
-        result = tb.generate(
-            text, budget_s, replan=replan, chat=chat, temperature=temperature, top_p=top_p, seed=seed, **opts
-        )
+        result = tb.generate(text, budget_s, chat=chat)
     except TimeBillError as exc:
         _fail(exc)
         return
     if as_json:
-        typer.echo(json.dumps(result.to_dict()))
+        typer.echo(json.dumps(result.to_record()))
     else:
         typer.echo(result.text)
         typer.echo(result.summary_line())
@@ -142,27 +115,34 @@ def generate(
     from timebill.engine import Engine, validate_request
 
     if budget is not None:
+        try:
+            options = RequestOptions().with_overrides(
+                max_new_tokens=max_new_tokens,
+                k=k,
+                alpha_max=alpha_max,
+                bound=bound,
+                delta=delta,
+                infeasible_slack=infeasible_slack,
+                replan=replan,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+            )
+        except TimeBillError as exc:
+            _fail(exc)
+            return
         _generate_budgeted(
             prompt,
             budget,
-            model,
-            threads,
-            weights,
-            profile,
-            predictor,
-            max_new_tokens,
-            k,
-            alpha_max,
-            bound,
-            delta,
-            infeasible_slack,
-            replan,
-            dry_run,
-            not raw,
-            temperature,
-            top_p,
-            seed,
-            as_json,
+            options,
+            dry_run=dry_run,
+            chat=not raw,
+            as_json=as_json,
+            model=model,
+            threads=threads,
+            weights=weights,
+            profile=profile,
+            predictor=predictor,
         )
         return
     try:

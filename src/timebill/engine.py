@@ -1,13 +1,8 @@
 """The generation core: prefill, evict α of the prompt KV, decode token by token under a deadline.
 
-Why our own decode loop instead of ``model.generate``: the planner (and closed-loop re-planning)
-must act *between* tokens — read per-token timestamps, stop before a token that would cross the
-deadline, evict more KV mid-decode. The loop is deliberately plain (gpt-fast style): one forward
-per token, greedy argmax or seeded sampling, one clock read, one comparison.
-
-The request is split into three calls — :meth:`Engine.prefill`, :meth:`Engine.evict`,
-:meth:`Engine.decode` — so the TimeBill facade can run the length predictor beside prefill and
-choose α after it. :meth:`Engine.generate` chains them for a fixed α.
+Three phases (:meth:`Engine.prefill` → :class:`PrefillState`, :meth:`Engine.evict`, :meth:`Engine.decode` →
+:class:`DecodeOutcome`) so the facade can predict beside prefill and choose α after it; our own decode loop
+(not ``model.generate``) because the planner acts *between* tokens.
 """
 
 from __future__ import annotations
@@ -18,7 +13,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -27,8 +22,8 @@ from transformers import DynamicCache
 from timebill.errors import InvalidInputError, PromptTooLongError
 from timebill.fastpath import WEIGHT_MODES, FastDecoder, FastPathUnsupported, StaticKVCache
 from timebill.loading import ModelSource, load_model_and_tokenizer, resolve_model
+from timebill.options import SamplingConfig, check_alpha, check_max_new_tokens, check_press
 from timebill.presses import (
-    PRESS_NAMES,
     capture_scores,
     evict,
     make_press,
@@ -94,7 +89,12 @@ class GenerationResult:
 
 @dataclass
 class PrefillState:
-    """The cache and bookkeeping between prefill and decode; owned by one request."""
+    """The cache and bookkeeping between prefill and decode; owned by one request.
+
+    ``first_logits`` are the prefill's last-position logits (sampling draws the first token from them);
+    ``last_hidden`` is the final-norm hidden state of the last prompt token, kept only when prefill was
+    asked to (``capture_hidden=True``): the zero-overhead length probe reads it.
+    """
 
     cache: DynamicCache
     prompt_tokens: int
@@ -107,34 +107,39 @@ class PrefillState:
     alpha: float = 0.0
     evict_s: float = 0.0
     static: StaticKVCache | None = None  # set once decoding starts on the fast path
-    extra: dict = field(default_factory=dict)
+    first_logits: torch.Tensor | None = None
+    last_hidden: torch.Tensor | None = None
 
     @property
     def kv_len(self) -> int:
+        """Tokens cached per layer now (prompt kept + generated)."""
         if self.static is not None:
             return self.static.length
         return int(self.cache.layers[0].keys.shape[2])
 
-
-@dataclass
-class SamplingConfig:
-    """Greedy when temperature == 0; otherwise temperature/top-p sampling from a seeded generator."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-
-    def validate(self) -> None:
-        if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
-            raise InvalidInputError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise InvalidInputError(f"top_p must be in (0, 1], got {self.top_p}")
+    def kv_tokens_per_layer(self) -> list[int]:
+        """Cached tokens of each layer (equal for our presses; recorded per layer to show it)."""
+        if self.static is not None:
+            return [self.static.length] * int(self.static.k.shape[0])
+        return [int(layer.keys.shape[2]) for layer in self.cache.layers]
 
 
-def validate_alpha(alpha: float) -> float:
-    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and 0.0 <= alpha < 1.0):
-        raise InvalidInputError(f"alpha (eviction ratio) must be in [0, 1), got {alpha}")
-    return float(alpha)
+@dataclass(frozen=True)
+class DecodeOutcome:
+    """What :meth:`Engine.decode` produced: tokens with their timestamps, and why it stopped."""
+
+    token_ids: list[int]
+    token_times_s: list[float]  # per token, seconds since the request's start
+    step_times_s: list[float]  # duration of each decode step
+    stop_reason: str  # eos | max_tokens | deadline | cancelled
+    kv_tokens_per_layer: list[int]  # KV per layer when decoding began (after prefill and eviction)
+    started_at: float  # perf_counter when decode began
+    ended_at: float  # perf_counter when it ended
+
+    @property
+    def decode_s(self) -> float:
+        """Wall time of the decode phase."""
+        return self.ended_at - self.started_at
 
 
 def validate_deadline(deadline_s: float | None) -> float | None:
@@ -151,12 +156,10 @@ def validate_request(
     """Check a request's arguments before any work (the CLI calls this before loading a model)."""
     if isinstance(prompt, str) and not prompt.strip() or not prompt:
         raise InvalidInputError("The prompt is empty; give some text to answer.")
-    validate_alpha(alpha)
+    check_alpha(alpha)
     validate_deadline(deadline_s)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise InvalidInputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
-    if press not in PRESS_NAMES:
-        make_press(press)  # raises the clear error
+    check_max_new_tokens(max_new_tokens)
+    check_press(press)
 
 
 class Engine:
@@ -324,7 +327,7 @@ class Engine:
         ``capture`` records SnapKV scores during the forward; it is only needed if the request may
         evict (the facade always passes True because α* is unknown until after prefill).
         ``capture_hidden`` keeps the final-norm hidden state of the last prompt token in
-        ``state.extra["last_hidden"]``: the zero-overhead length probe reads it (the forward computes
+        ``state.last_hidden``: the zero-overhead length probe reads it (the forward computes
         it anyway; a hook just keeps a reference to one row).
         """
         t_start = time.perf_counter() if t_start is None else t_start
@@ -363,10 +366,9 @@ class Engine:
             t_start=t_start,
             prefill_s=prefill_s,
             press_name=press,
+            first_logits=out.logits[0, -1],
+            last_hidden=hidden.get("last"),
         )
-        state.extra["first_logits"] = out.logits[0, -1]
-        if "last" in hidden:
-            state.extra["last_hidden"] = hidden["last"]
         return state
 
     @torch.inference_mode()
@@ -376,7 +378,7 @@ class Engine:
         Called once after prefill by the paper's method, and again mid-decode by re-planning (each
         call removes ``alpha`` of what is left of the prompt, never generated tokens).
         """
-        alpha = validate_alpha(alpha)
+        alpha = check_alpha(alpha)
         if alpha == 0.0 or state.prompt_kv_len <= 1:
             return state.prompt_kv_len
         t0 = time.perf_counter()
@@ -404,8 +406,8 @@ class Engine:
         on_step: Callable[[int, float, PrefillState], None] | None = None,
         on_token: Callable[[int], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
-    ) -> tuple[list[int], list[float], list[float], str]:
-        """Decode after prefill; returns (token ids, token times since start, step durations, stop reason).
+    ) -> DecodeOutcome:
+        """Decode after prefill (and any eviction) until EOS, ``max_new_tokens``, the deadline or a stop.
 
         The deadline guard stops *before* a step whose expected end (now + 1.1 × the longest of the
         last 4 steps) would pass ``t_start + deadline_s``. ``on_step(i, now, state)`` runs between tokens (the
@@ -414,11 +416,18 @@ class Engine:
         True ends decoding with ``stop_reason="cancelled"`` (a server whose client went away frees the
         model at the next token instead of finishing an answer nobody reads).
         """
-        if max_new_tokens < 1:
-            raise InvalidInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        started_at = time.perf_counter()
+        kv_per_layer = state.kv_tokens_per_layer()
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
         deadline_s = validate_deadline(deadline_s)
         sampling = sampling or SamplingConfig()
-        sampling.validate()
+        tokens: list[int] = []
+        times: list[float] = []
+        steps: list[float] = []
+
+        def outcome(stop: str) -> DecodeOutcome:
+            return DecodeOutcome(tokens, times, steps, stop, kv_per_layer, started_at, time.perf_counter())
+
         generator = None
         if sampling.temperature > 0:
             generator = torch.Generator(device=self.device)
@@ -428,20 +437,19 @@ class Engine:
 
         now = time.perf_counter()
         if now > deadline_at:  # prefill alone overran: the first token is already late
-            return [], [], [], STOP_DEADLINE
+            return outcome(STOP_DEADLINE)
         if should_stop is not None and should_stop():
-            return [], [], [], STOP_CANCELLED
+            return outcome(STOP_CANCELLED)
         if sampling.temperature > 0:
-            first = _sample(state.extra["first_logits"], sampling, generator)
+            first = _sample(state.first_logits, sampling, generator)
         else:
             first = state.first_token
-        tokens = [first]
-        times = [now - state.t_start]
-        steps: list[float] = []
+        tokens.append(first)
+        times.append(now - state.t_start)
         if on_token is not None:
             on_token(first)
         if first in self.stop_ids:
-            return tokens, times, steps, STOP_EOS
+            return outcome(STOP_EOS)
 
         stop_ids = self.stop_ids
         self.begin_decode(state, max_new_tokens)
@@ -476,7 +484,7 @@ class Engine:
             token = nxt
         if steps:
             self.last_step_s = steps[-1]
-        return tokens, times, steps, stop
+        return outcome(stop)
 
     def begin_decode(self, state: PrefillState, max_new_tokens: int) -> None:
         """Move the (evicted) prefill KV into the fast path's static cache, sized for this request.
@@ -530,44 +538,29 @@ class Engine:
         t_start = time.perf_counter()
         validate_request(prompt, alpha, max_new_tokens, deadline_s, press)
         sampling = SamplingConfig(temperature, top_p, seed)
-        sampling.validate()
         ids = self.encode(prompt, chat=chat) if isinstance(prompt, str) else list(prompt)
         state = self.prefill(ids, press=press, capture=alpha > 0, t_start=t_start)
         self.evict(state, alpha)
-        kv_per_layer = [int(layer.keys.shape[2]) for layer in state.cache.layers]
-        t_decode = time.perf_counter()
-        tokens, times, steps, stop = self.decode(state, max_new_tokens, deadline_s, sampling)
-        t_end = time.perf_counter()
-        return self.make_result(state, tokens, times, steps, stop, kv_per_layer, t_decode, t_end, deadline_s)
+        return self.make_result(state, self.decode(state, max_new_tokens, deadline_s, sampling), deadline_s)
 
-    def make_result(
-        self,
-        state: PrefillState,
-        tokens: list[int],
-        times: list[float],
-        steps: list[float],
-        stop: str,
-        kv_per_layer: list[int],
-        t_decode: float,
-        t_end: float,
-        deadline_s: float | None,
-    ) -> GenerationResult:
+    def make_result(self, state: PrefillState, decoded: DecodeOutcome, deadline_s: float | None) -> GenerationResult:
         """The result of a finished request (also built by the TimeBill facade around its own decode)."""
+        tokens = decoded.token_ids
         return GenerationResult(
             text=self.tokenizer.decode([t for t in tokens if t not in self.stop_ids], skip_special_tokens=True),
             token_ids=tokens,
             prompt_tokens=state.prompt_tokens,
             kept_kv_tokens=state.prompt_kv_len,
-            kv_tokens_per_layer=kv_per_layer,
+            kv_tokens_per_layer=decoded.kv_tokens_per_layer,
             alpha=state.alpha,
             press=state.press_name,
             prefill_s=state.prefill_s,
             evict_s=state.evict_s,
-            decode_s=t_end - t_decode,
-            total_s=t_end - state.t_start,
-            token_times_s=times,
-            step_times_s=steps,
-            stop_reason=stop,
+            decode_s=decoded.decode_s,
+            total_s=decoded.ended_at - state.t_start,
+            token_times_s=decoded.token_times_s,
+            step_times_s=decoded.step_times_s,
+            stop_reason=decoded.stop_reason,
             deadline_s=deadline_s,
             threads=self.threads,
             model_id=self.source.model_id if self.source is not None else "?",

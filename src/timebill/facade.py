@@ -1,23 +1,7 @@
-"""TimeBill's request path: predict length ∥ prefill → plan α* → evict → decode under the deadline.
+"""TimeBill's request path: predict length ∥ prefill → plan → evict → decode under the deadline.
 
-This module only wires the pieces (§4 of the method): the engine runs the model, the predictor gives
-N̂ (and a calibrated upper bound), the estimator turns token counts into seconds, the planner (pure
-maths) picks α*. Two things go beyond the paper:
-
-- **Feasibility first**: a budget below the predicted prefill alone is refused before any work
-  (:class:`~timebill.errors.InfeasibleBudgetError`), with the earliest feasible budget.
-- **Closed-loop re-planning**: every ``replan_every`` tokens the measured pace is compared with what
-  the remaining worst-case tokens need; if the request is behind (machine slowed down, length
-  under-predicted) more of the prompt KV is evicted mid-decode so the remaining steps get cheaper.
-  If it is ahead, nothing changes. The deadline guard stays on regardless.
-
-Planning after prefill uses the *measured* elapsed time (prefill, prediction) rather than its
-prediction: the budget counts from the request's arrival, and what has been spent is known.
-
-A prompt is a text (the chat template wraps it as one user turn) or a list of chat messages (what an
-OpenAI-style client sends). For a server, :meth:`TimeBill.generate` also takes a prediction made
-earlier (admission control), streams tokens (``on_token``), reports the plan before decoding
-(``on_plan``) and stops when asked (``should_stop``).
+This module wires the pieces; it decides nothing itself. The planner (pure maths) chooses α before decoding
+and again when re-planning mid-decode; the facade measures (elapsed time, pace), asks, and applies.
 """
 
 from __future__ import annotations
@@ -29,15 +13,17 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from timebill import planner
-from timebill.engine import STOP_DEADLINE, Engine, GenerationResult, PrefillState, SamplingConfig
+from timebill.engine import STOP_DEADLINE, Engine, GenerationResult, PrefillState
 from timebill.errors import InfeasibleBudgetError, InvalidInputError
-from timebill.presses import make_press
+from timebill.options import BOUNDS, RequestOptions
+
+if TYPE_CHECKING:
+    from timebill.estimator import TimeModel
 
 ARRANGEMENTS = ("probe", "parallel", "sequential")
-BOUNDS = ("k", "conformal")
 
 #: What :meth:`TimeBill.generate` answers: a text, or chat messages ``[{"role": ..., "content": ...}]``.
 Prompt = str | Sequence[Mapping[str, Any]]
@@ -73,25 +59,75 @@ def parse_budget(text: str | float) -> float:
     return value
 
 
-@dataclass
+@dataclass(frozen=True)
 class RequestPlan:
-    """The plan for one request (also what ``--dry-run`` prints)."""
+    """The planner's :class:`~timebill.planner.Plan` for one request, with the request it was made for.
+
+    ``predicted_prefill_s`` is the estimator's prefill time for ``n_x`` tokens (after prefill the plan
+    itself counts the measured time instead); ``t_predict_s`` the predictor's measured unhidden time.
+    """
 
     n_x: int
-    n_hat: float
-    bound: str
-    n_worst: int
-    alpha: float
-    predicted_prefill_s: float
-    predicted_decode_s: float
-    predicted_wcet_s: float
-    t_predict_s: float
-    feasible: bool
-    earliest_feasible_budget_s: float
     budget_s: float
-    # Predicted end-to-end time at N̂ tokens (the expected case; the WCET is at N̂_W): what a server
-    # counts for queued work ahead of a new request.
-    expected_e2e_s: float = 0.0
+    plan: planner.Plan
+    predicted_prefill_s: float
+    t_predict_s: float
+
+    @property
+    def alpha(self) -> float:
+        """α*, the eviction ratio chosen before decoding."""
+        return self.plan.alpha
+
+    @property
+    def n_hat(self) -> float:
+        return self.plan.n_hat
+
+    @property
+    def n_worst(self) -> int:
+        return self.plan.n_worst
+
+    @property
+    def bound(self) -> str:
+        return self.plan.bound
+
+    @property
+    def feasible(self) -> bool:
+        return self.plan.feasible
+
+    @property
+    def predicted_decode_s(self) -> float:
+        return self.plan.predicted_decode_s
+
+    @property
+    def predicted_wcet_s(self) -> float:
+        return self.plan.predicted_wcet_s
+
+    @property
+    def earliest_feasible_budget_s(self) -> float:
+        return self.plan.earliest_feasible_budget_s
+
+    @property
+    def expected_e2e_s(self) -> float:
+        """Predicted end-to-end time at N̂ tokens, capped by the budget (a server's backlog unit)."""
+        return self.plan.expected_e2e_s
+
+    def to_record(self) -> dict[str, Any]:
+        """Plain JSON (``--dry-run --json``, the server's plan event, the ``plan`` of a result record)."""
+        return {
+            "n_x": self.n_x,
+            "n_hat": self.n_hat,
+            "bound": self.bound,
+            "n_worst": self.n_worst,
+            "alpha": self.alpha,
+            "predicted_prefill_s": self.predicted_prefill_s,
+            "predicted_decode_s": self.predicted_decode_s,
+            "predicted_wcet_s": self.predicted_wcet_s,
+            "t_predict_s": self.t_predict_s,
+            "feasible": self.feasible,
+            "earliest_feasible_budget_s": self.earliest_feasible_budget_s,
+            "budget_s": self.budget_s,
+            "expected_e2e_s": self.expected_e2e_s,
+        }
 
     def summary_line(self) -> str:
         return (
@@ -99,6 +135,30 @@ class RequestPlan:
             f"α*={self.alpha:.3f} WCET={self.predicted_wcet_s:.3f}s budget={self.budget_s:.3f}s "
             f"feasible={self.feasible}"
         )
+
+
+@dataclass(frozen=True)
+class LeastTime:
+    """The least budget a request needs (its worst case at α_max), and what that rests on."""
+
+    n_x: int
+    n_worst: int
+    predicted_prefill_s: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Replan:
+    """One mid-decode re-plan: before ``token``, ``extra_alpha`` more of the prompt KV was evicted."""
+
+    token: int
+    extra_alpha: float
+    alpha: float  # the total ratio after it
+    prompt_kv_before: int
+    prompt_kv_after: int
+    pace: float  # measured recent steps / their prediction
+    remaining_s: float
+    needed_s: float
 
 
 @dataclass
@@ -114,7 +174,7 @@ class TimeBillResult:
     measured_decode_s: float
     measured_e2e_s: float
     deadline_met: bool
-    replans: list[dict[str, float]] = field(default_factory=list)
+    replans: list[Replan] = field(default_factory=list)
     arrangement: str = "probe"
     plan_compute_s: float = 0.0  # computing α* (the planner's closed form and its checks)
     overhead_s: float = 0.0  # everything between request start and the first decode step except prefill
@@ -129,7 +189,8 @@ class TimeBillResult:
         """The eviction ratio finally applied (α* plus any re-planning)."""
         return self.generation.alpha
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_record(self) -> dict[str, Any]:
+        """The one flat JSON form of a result: the CLI's ``--json``, the server's ``timebill`` object, the bench."""
         gen = self.generation.to_dict()
         return {
             "text": self.text,
@@ -150,15 +211,18 @@ class TimeBillResult:
             "t_predict_s": self.t_predict_s,
             "feasible": self.plan.feasible,
             "deadline_met": self.deadline_met,
+            "guard_stopped": self.stop_reason == STOP_DEADLINE,
             "budget_s": self.plan.budget_s,
             "tokens_generated": gen["tokens_generated"],
-            "replans": self.replans,
+            "prompt_tokens": gen["prompt_tokens"],
+            "decode_path": gen["decode_path"],
+            "replans": [asdict(r) for r in self.replans],
             "arrangement": self.arrangement,
             "plan_compute_s": self.plan_compute_s,
             "overhead_s": self.overhead_s,
             "waited_s": self.waited_s,
             "predicted_e2e_s": self.predicted_e2e_s,
-            "plan": asdict(self.plan),
+            "plan": self.plan.to_record(),
             "generation": gen,
         }
 
@@ -171,42 +235,38 @@ class TimeBillResult:
 
 
 class TimeBill:
-    """Time-budgeted generation: ``TimeBill.load().generate(prompt, time_budget=2.5)``."""
+    """Time-budgeted generation: ``TimeBill.load().generate(prompt, time_budget=2.5)``.
+
+    Two things go beyond the paper. **Feasibility first**: a budget below the predicted prefill alone is
+    refused before any work (:class:`~timebill.errors.InfeasibleBudgetError`, with the earliest feasible
+    budget). **Closed-loop re-planning**: every ``replan_every`` tokens the measured pace is compared with
+    what the remaining worst-case tokens need, and if the request is behind, more prompt KV is evicted.
+    """
 
     def __init__(
         self,
         engine: Engine,
-        estimator: Any,  # timebill.estimator.ExecutionTimeEstimator
+        estimator: TimeModel,
         predictor: LengthPredictorLike,
         *,
-        k: float = planner.DEFAULT_K,
-        alpha_max: float = planner.DEFAULT_ALPHA_MAX,
-        bound: str = "k",
-        delta: float = 0.05,
-        replan: bool = True,
-        infeasible_slack: float = planner.DEFAULT_INFEASIBLE_SLACK,
+        options: RequestOptions | None = None,
         replan_every: int = 4,
         arrangement: str = "probe",
-        press: str = "snapkv",
+        **option_overrides: Any,
     ) -> None:
+        """``options`` (or keyword overrides of its fields, e.g. ``k=3, replan=False``): per-request defaults."""
         self.engine = engine
         self.estimator = estimator
         self.predictor = predictor
-        self.defaults = {
-            "k": k,
-            "alpha_max": alpha_max,
-            "bound": bound,
-            "delta": delta,
-            "replan": replan,
-            "infeasible_slack": infeasible_slack,
-        }
+        options = (options or RequestOptions()).with_overrides(**option_overrides)
+        self.press = options.press or "snapkv"
+        self.options = options.with_overrides(press=self.press)
         self.replan_every = int(replan_every)
         if arrangement not in ARRANGEMENTS:
             raise InvalidInputError(f"arrangement must be one of {ARRANGEMENTS}, got {arrangement!r}")
         if arrangement == "probe" and not getattr(predictor, "uses_prefill_hidden", False):
             arrangement = "parallel"
         self.arrangement = arrangement
-        self.press = press
         # observe() updates the estimator's recalibration windows at the end of generate(); plan() may run
         # meanwhile in another thread (a server's admission control) and must not read them mid-update.
         self._estimator_lock = threading.Lock()
@@ -227,83 +287,60 @@ class TimeBill:
         from timebill.predictor import load_default_predictor
 
         engine = Engine.load(model, threads=threads, weights=weights)
-        estimator = ExecutionTimeEstimator.for_engine(engine, path=profile, press=options.get("press", "snapkv"))
+        press = getattr(options.get("options"), "press", None) or options.get("press") or "snapkv"
+        estimator = ExecutionTimeEstimator.for_engine(engine, path=profile, press=press)
         return cls(engine, estimator, load_default_predictor(engine, predictor), **options)
 
-    # ------------------------------------------------------------------ validation
-    def _options(self, **given: Any) -> dict[str, Any]:
-        opts = {**self.defaults, **{k: v for k, v in given.items() if v is not None}}
-        k, alpha_max, delta = opts["k"], opts["alpha_max"], opts["delta"]
-        if not (isinstance(k, (int, float)) and math.isfinite(k) and k >= 1):
-            raise InvalidInputError(f"k must be a number >= 1, got {k!r}")
-        if not (isinstance(alpha_max, (int, float)) and 0 < alpha_max < 1):
-            raise InvalidInputError(f"alpha_max must be in (0, 1), got {alpha_max!r}")
-        if opts["bound"] not in BOUNDS:
-            raise InvalidInputError(f"bound must be one of {BOUNDS}, got {opts['bound']!r}")
-        if not (isinstance(delta, (int, float)) and 0 < delta < 1):
-            raise InvalidInputError(f"delta must be in (0, 1), got {delta!r}")
-        slack = opts["infeasible_slack"]
-        if isinstance(slack, bool) or not (isinstance(slack, (int, float)) and math.isfinite(slack) and slack >= 0):
-            raise InvalidInputError(f"infeasible_slack must be a number >= 0 (0: the paper's rule), got {slack!r}")
-        return opts
+    # ------------------------------------------------------------------ helpers
+    def request_options(self, options: RequestOptions | None = None, **overrides: Any) -> RequestOptions:
+        """This request's options: ``options`` (default: this TimeBill's) with ``overrides`` applied."""
+        base = self.options if options is None else options.with_overrides(press=options.press or self.press)
+        return base.with_overrides(**overrides)
 
-    def _n_worst(self, prediction: LengthPredictionLike, opts: dict[str, Any], n_max: int) -> tuple[float, int]:
+    def _n_worst(self, prediction: LengthPredictionLike, opts: RequestOptions) -> tuple[float, int]:
+        """N̂ (at least 1) and the worst-case length the chosen bound gives, capped at N_max."""
         n_hat = max(float(prediction.point), 1.0)
-        if opts["bound"] == "conformal":
-            return n_hat, max(1, min(int(math.ceil(prediction.upper(opts["delta"]))), n_max))
-        return n_hat, planner.worst_case_length(n_hat, opts["k"], n_max)
+        n_max = opts.max_new_tokens
+        if opts.bound == "conformal":
+            return n_hat, max(1, min(int(math.ceil(prediction.upper(opts.delta))), n_max))
+        return n_hat, planner.worst_case_length(n_hat, opts.k, n_max)
 
-    def _coefficients(self, elapsed_s: float | None) -> planner.TimeCoefficients:
-        """Planner coefficients; after prefill, the measured elapsed time replaces the prefill model."""
-        coef = self.estimator.coefficients()
-        if elapsed_s is None:
-            return coef
-        return planner.TimeCoefficients(a=0.0, b=0.0, c=elapsed_s, p=coef.p, q=coef.q)
+    def _overhead_s(self, n_x: int, n_worst: int) -> float:
+        """Eviction and the decode set-up are on the critical path too: their predicted cost is reserved."""
+        return self.estimator.evict_s(n_x, 0.5) + self.estimator.setup_s(n_x, n_worst)
 
     def _make_plan(
         self,
         n_x: int,
         budget_s: float,
         prediction: LengthPredictionLike,
-        opts: dict[str, Any],
-        n_max: int,
+        opts: RequestOptions,
         t_predict_s: float,
-        elapsed_s: float | None,
+        spent_s: float | None,
     ) -> RequestPlan:
-        n_hat, n_worst = self._n_worst(prediction, opts, n_max)
-        coef = self._coefficients(elapsed_s)
-        # Eviction and the decode set-up are on the critical path too: reserve their predicted cost.
-        overhead = self.estimator.evict_s(n_x, 0.5) + self.estimator.setup_s(n_x, n_worst)
-        coef = planner.TimeCoefficients(a=coef.a, b=coef.b, c=coef.c + overhead, p=coef.p, q=coef.q)
+        """Ask the planner; ``spent_s`` (after prefill) is the measured part of the budget already gone."""
+        n_hat, n_worst = self._n_worst(prediction, opts)
         p = planner.plan(
-            coef,
+            self.estimator.coefficients(),
             n_x,
             budget_s,
             n_hat,
-            k=opts["k"],
-            n_max=n_max,
-            t_predict_s=t_predict_s if elapsed_s is None else 0.0,
-            alpha_max=opts["alpha_max"],
-            bound=opts["bound"],
+            k=opts.k,
+            n_max=opts.max_new_tokens,
+            t_predict_s=t_predict_s if spent_s is None else 0.0,
+            alpha_max=opts.alpha_max,
+            bound=opts.bound,
             n_worst=n_worst,
-            infeasible_slack=opts["infeasible_slack"],
+            infeasible_slack=opts.infeasible_slack,
+            spent_s=spent_s,
+            overhead_s=self._overhead_s(n_x, n_worst),
         )
-        n_expected = max(1, min(math.ceil(n_hat), n_max))
-        expected = (p.t_predict_s + planner.e2e_s(coef, n_x, p.alpha, n_expected)) if p.feasible else p.predicted_wcet_s
         return RequestPlan(
             n_x=n_x,
-            n_hat=n_hat,
-            bound=opts["bound"],
-            n_worst=p.n_worst,
-            alpha=p.alpha,
-            predicted_prefill_s=self.estimator.prefill_s(n_x),
-            predicted_decode_s=p.predicted_decode_s,
-            predicted_wcet_s=p.predicted_wcet_s,
-            t_predict_s=t_predict_s,
-            feasible=p.feasible,
-            earliest_feasible_budget_s=p.earliest_feasible_budget_s,
             budget_s=budget_s,
-            expected_e2e_s=min(expected, budget_s),
+            plan=p,
+            predicted_prefill_s=self.estimator.prefill_s(n_x),
+            t_predict_s=t_predict_s,
         )
 
     def _check_prefill_fits(self, n_x: int, budget_s: float, spent_s: float = 0.0) -> None:
@@ -337,14 +374,15 @@ class TimeBill:
         text = users[-1] if users else "\n\n".join(m["content"] for m in prompt if m["content"].strip())
         return ids, text
 
+    # ------------------------------------------------------------------ public API
     def predict_length(
         self, prompt: Prompt, *, chat: bool = True, time_budget: float | None = None
     ) -> LengthPredictionLike:
         """Run the length predictor alone, e.g. for a server's admission control while the model is busy.
 
-        Pass the result to :meth:`plan` and :meth:`generate` (``prediction=``) so it is made once. Probe
-        predictors run their own prefill here (they cannot share the request's later one). With
-        ``time_budget`` (seconds; ≤ 0 allowed), a prompt whose prefill alone cannot fit it is refused
+        Pass the result to :meth:`plan`, :meth:`least_time` and :meth:`generate` (``prediction=``) so it is
+        made once. Probe predictors run their own prefill here (they cannot share the request's later one).
+        With ``time_budget`` (seconds; ≤ 0 allowed), a prompt whose prefill alone cannot fit it is refused
         first (:class:`InfeasibleBudgetError`): an overloaded server then pays no prediction for it.
         """
         ids, text = self._encode(prompt, chat)
@@ -353,25 +391,49 @@ class TimeBill:
                 self._check_prefill_fits(len(ids), max(float(time_budget), 0.0))
         return self.predictor.predict(text)
 
-    # ------------------------------------------------------------------ public API
+    def least_time(
+        self,
+        prompt: Prompt,
+        options: RequestOptions | None = None,
+        *,
+        prediction: LengthPredictionLike,
+        chat: bool = True,
+        **overrides: Any,
+    ) -> LeastTime:
+        """The least budget this request needs (its worst case at α_max), planned from arrival; no model run.
+
+        A server's admission control asks this to refuse a request before queueing it.
+        """
+        opts = self.request_options(options, **overrides)
+        ids, _ = self._encode(prompt, chat)
+        n_x = len(ids)
+        _, n_worst = self._n_worst(prediction, opts)
+        with self._estimator_lock:
+            seconds = planner.least_time_s(
+                self.estimator.coefficients(),
+                n_x,
+                n_worst,
+                alpha_max=opts.alpha_max,
+                overhead_s=self._overhead_s(n_x, n_worst),
+            )
+            return LeastTime(n_x, n_worst, self.estimator.prefill_s(n_x), seconds)
+
     def plan(
         self,
         prompt: Prompt,
         time_budget: float | str,
+        options: RequestOptions | None = None,
         *,
-        max_new_tokens: int = 256,
-        k: float | None = None,
-        alpha_max: float | None = None,
-        bound: str | None = None,
-        delta: float | None = None,
         chat: bool = True,
         prediction: LengthPredictionLike | None = None,
-        infeasible_slack: float | None = None,
+        **overrides: Any,
     ) -> RequestPlan:
-        """The plan without generating (the prediction runs unless ``prediction`` is given; the model does not)."""
+        """The plan without generating (the prediction runs unless ``prediction`` is given; the model does not).
+
+        ``options`` / keyword ``overrides`` (e.g. ``max_new_tokens=64``): see :class:`RequestOptions`.
+        """
         budget_s = parse_budget(time_budget)
-        opts = self._options(k=k, alpha_max=alpha_max, bound=bound, delta=delta, infeasible_slack=infeasible_slack)
-        _check_max_new_tokens(max_new_tokens)
+        opts = self.request_options(options, **overrides)
         ids, text = self._encode(prompt, chat)
         with self._estimator_lock:
             self._check_prefill_fits(len(ids), budget_s)
@@ -381,57 +443,42 @@ class TimeBill:
             prediction = self.predictor.predict(text)
             t_predict = 0.0 if self.arrangement == "probe" else time.perf_counter() - t0
         with self._estimator_lock:
-            return self._make_plan(len(ids), budget_s, prediction, opts, max_new_tokens, t_predict, None)
+            return self._make_plan(len(ids), budget_s, prediction, opts, t_predict, None)
 
     def generate(
         self,
         prompt: Prompt,
         time_budget: float | str,
+        options: RequestOptions | None = None,
         *,
-        max_new_tokens: int = 256,
-        k: float | None = None,
-        alpha_max: float | None = None,
-        bound: str | None = None,
-        delta: float | None = None,
-        replan: bool | None = None,
         chat: bool = True,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
         step_hook: Callable[[int], None] | None = None,
         t_start: float | None = None,
         prediction: LengthPredictionLike | None = None,
-        press: str | None = None,
         on_plan: Callable[[RequestPlan], None] | None = None,
         on_token: Callable[[int], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
-        infeasible_slack: float | None = None,
+        **overrides: Any,
     ) -> TimeBillResult:
         """Answer ``prompt`` within ``time_budget`` seconds (from ``t_start``, default: now).
 
+        ``options`` / keyword ``overrides`` (``max_new_tokens``, ``k``, ``alpha_max``, ``bound``, ``delta``,
+        ``infeasible_slack``, ``replan``, ``press``, ``temperature``, ``top_p``, ``seed``): see
+        :class:`RequestOptions`; the time model stays the profiled one whatever the press.
         ``step_hook(i)`` runs before decode step ``i`` (benchmarks use it to inject slowdowns).
         A ``t_start`` in the past (a request that waited in a queue) leaves less of the budget; a request
         whose prefill no longer fits what is left is refused before any work.
         ``prediction``: a length prediction made earlier for this prompt (:meth:`predict_length`); the
         predictor is then not run again and costs nothing on the critical path.
-        ``press``: the eviction method for this request (default: this TimeBill's); the time model stays
-        the profiled one. ``on_plan(plan)`` runs once after planning, before the first decode step;
-        ``on_token(token_id)`` as each token is produced; ``should_stop()`` between tokens (True ends the
-        answer with ``stop_reason="cancelled"``). ``infeasible_slack``: when no α fits the budget, run at the
-        smallest α whose worst case is within this fraction of α_max's (default 0.02; 0 is the paper's
-        rule, α_max).
+        ``on_plan(plan)`` runs once after planning, before the first decode step; ``on_token(token_id)`` as
+        each token is produced; ``should_stop()`` between tokens (True ends the answer with
+        ``stop_reason="cancelled"``).
         """
         t_called = time.perf_counter()
         t_start = t_called if t_start is None else t_start
         budget_s = parse_budget(time_budget)
-        opts = self._options(
-            k=k, alpha_max=alpha_max, bound=bound, delta=delta, replan=replan, infeasible_slack=infeasible_slack
-        )
-        _check_max_new_tokens(max_new_tokens)
-        sampling = SamplingConfig(temperature, top_p, seed)
-        sampling.validate()
-        press = self.press if press is None else press
-        make_press(press)  # an unknown name is a clear error before any work
+        opts = self.request_options(options, **overrides)
+        press = opts.press or self.press
         ids, text = self._encode(prompt, chat)
         n_x = len(ids)
         self._check_prefill_fits(n_x, budget_s, time.perf_counter() - t_start)
@@ -441,33 +488,38 @@ class TimeBill:
         else:
             state, t_predict = self.engine.prefill(ids, press=press, capture=True, t_start=t_start), 0.0
         t_plan = time.perf_counter()
-        req_plan = self._make_plan(n_x, budget_s, prediction, opts, max_new_tokens, t_predict, t_plan - t_start)
+        req_plan = self._make_plan(n_x, budget_s, prediction, opts, t_predict, t_plan - t_start)
         plan_compute_s = time.perf_counter() - t_plan
         if on_plan is not None:
             on_plan(req_plan)
         self.engine.evict(state, req_plan.alpha)
-        kv_per_layer = [int(layer.keys.shape[2]) for layer in state.cache.layers]
 
-        replans: list[dict[str, float]] = []
-        hook = self._replanner(state, req_plan, budget_s, opts, replans, step_hook) if opts["replan"] else None
+        replans: list[Replan] = []
+        hook = self._replanner(req_plan, budget_s, opts, replans, step_hook) if opts.replan else None
         if hook is None and step_hook is not None:
 
             def hook(i: int, now: float, st: PrefillState) -> None:
                 step_hook(i)
 
         t_decode = time.perf_counter()
-        tokens, times, steps, stop = self.engine.decode(
-            state, max_new_tokens, budget_s, sampling, on_step=hook, on_token=on_token, should_stop=should_stop
+        decoded = self.engine.decode(
+            state,
+            opts.max_new_tokens,
+            budget_s,
+            opts.sampling,
+            on_step=hook,
+            on_token=on_token,
+            should_stop=should_stop,
         )
-        t_end = time.perf_counter()
-        gen = self.engine.make_result(state, tokens, times, steps, stop, kv_per_layer, t_decode, t_end, budget_s)
+        gen = self.engine.make_result(state, decoded, budget_s)
+        tokens, times = decoded.token_ids, decoded.token_times_s
         predicted_e2e = t_predict + self.estimator.e2e_s(n_x, req_plan.alpha, len(tokens))
         with self._estimator_lock:
             self.estimator.observe(gen)
-        e2e = times[-1] if times else t_end - t_start
+        e2e = times[-1] if times else decoded.ended_at - t_start
         return TimeBillResult(
             text=gen.text,
-            stop_reason=stop,
+            stop_reason=decoded.stop_reason,
             plan=req_plan,
             generation=gen,
             t_predict_s=t_predict,
@@ -485,18 +537,17 @@ class TimeBill:
 
     # ------------------------------------------------------------------ internals
     def _prefill_and_predict(
-        self, prompt: str, ids: list[int], t_start: float, press: str | None = None
+        self, prompt: str, ids: list[int], t_start: float, press: str
     ) -> tuple[PrefillState, LengthPredictionLike, float]:
         """Run prefill and the length prediction in the configured arrangement.
 
         ``t_predict`` is only the part of the prediction *not* hidden behind prefill (§4).
         """
         engine = self.engine
-        press = self.press if press is None else press
         if self.arrangement == "probe":
             state = engine.prefill(ids, press=press, capture=True, t_start=t_start, capture_hidden=True)
             t0 = time.perf_counter()
-            prediction = self.predictor.predict_hidden(state.extra["last_hidden"])
+            prediction = self.predictor.predict_hidden(state.last_hidden)
             return state, prediction, time.perf_counter() - t0
         if self.arrangement == "sequential":
             t0 = time.perf_counter()
@@ -524,20 +575,17 @@ class TimeBill:
 
     def _replanner(
         self,
-        state: PrefillState,
         req_plan: RequestPlan,
         budget_s: float,
-        opts: dict[str, Any],
-        replans: list[dict[str, float]],
+        opts: RequestOptions,
+        replans: list[Replan],
         step_hook: Callable[[int], None] | None,
     ) -> Callable[[int, float, PrefillState], None]:
-        """The between-tokens hook: if the remaining worst case no longer fits, evict more prompt KV."""
+        """The between-tokens hook: measure the pace, ask the planner, apply its eviction (if any)."""
         every = max(1, self.replan_every)
         last_now: list[float] = []
         measured: list[tuple[int, float]] = []  # (kv tokens during the step, seconds)
         estimator = self.estimator
-        alpha_max = opts["alpha_max"]
-        slack = float(opts["infeasible_slack"])
 
         def hook(i: int, now: float, st: PrefillState) -> None:
             if last_now:
@@ -546,63 +594,43 @@ class TimeBill:
             if step_hook is not None:
                 step_hook(i)
                 now = time.perf_counter()  # the hook's time counts against the budget
-            if i % every or len(measured) < 2:
-                return
             remaining_tokens = req_plan.n_worst - i
-            if remaining_tokens <= 0:
+            if i % every or len(measured) < 2 or remaining_tokens <= 0:
                 return
-            recent = measured[-8:]
             # Pace factor: measured recent steps vs the estimator's prediction for them.
-            pace = statistics.median(sec / max(estimator.step_s(kv), 1e-9) for kv, sec in recent)
+            pace = statistics.median(sec / max(estimator.step_s(kv), 1e-9) for kv, sec in measured[-8:])
             remaining_s = st.t_start + budget_s - now
-            kv = st.kv_len
-            need_s = pace * estimator.decode_phase_s(kv, remaining_tokens + 1)
-            if need_s <= remaining_s:
-                return  # on time or ahead: nothing changes
-            coef = estimator.coefficients()
-            p, q = coef.p * pace, coef.q * pace
-            r = remaining_tokens
-            if p <= 0:
-                return
-            kv_allowed = (remaining_s - r * q - p * r * (r - 1) / 2) / (p * r)
-            generated = kv - st.prompt_kv_len
-            prompt_allowed = kv_allowed - generated
-            current_alpha = st.alpha
-            max_extra = 1.0 - (1.0 - alpha_max) / (1.0 - current_alpha) if current_alpha < alpha_max else 0.0
-            if max_extra <= 0 or st.prompt_kv_len <= 1:
-                return
-            kept_at_max = st.prompt_kv_len * (1.0 - max_extra)
-            if slack > 0 and prompt_allowed < kept_at_max:
-                # Even α_max cannot make it: as in the plan, evict only as far as buys more than `slack`
-                # of the remaining time (on a short prompt that is nothing; the guard ends the answer).
-                fixed_s = r * q + p * r * (r - 1) / 2
-                t_at_max = fixed_s + p * r * (kept_at_max + generated)
-                prompt_allowed = max(prompt_allowed, (t_at_max * (1 + slack) - fixed_s) / (p * r) - generated)
-            extra = 1.0 - max(prompt_allowed, 0.0) / st.prompt_kv_len
-            extra = min(max(extra, 0.0), max_extra)
-            if extra * st.prompt_kv_len < 1.0:
+            needed_s = pace * estimator.decode_phase_s(st.kv_len, remaining_tokens + 1)
+            extra = planner.replan_alpha(
+                estimator.coefficients(),
+                pace=pace,
+                remaining_s=remaining_s,
+                needed_s=needed_s,
+                remaining_tokens=remaining_tokens,
+                kv_len=st.kv_len,
+                prompt_kv_len=st.prompt_kv_len,
+                alpha=st.alpha,
+                alpha_max=opts.alpha_max,
+                infeasible_slack=opts.infeasible_slack,
+            )
+            if extra is None:
                 return
             before = st.prompt_kv_len
             self.engine.evict(st, extra)
-            replans.append(
-                {
-                    "token": float(i),
-                    "extra_alpha": extra,
-                    "alpha": st.alpha,
-                    "prompt_kv_before": float(before),
-                    "prompt_kv_after": float(st.prompt_kv_len),
-                    "pace": pace,
-                    "remaining_s": remaining_s,
-                    "needed_s": need_s,
-                }
-            )
+            replans.append(Replan(i, extra, st.alpha, before, st.prompt_kv_len, pace, remaining_s, needed_s))
 
         return hook
 
 
-def _check_max_new_tokens(max_new_tokens: int) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise InvalidInputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-
-
-__all__ = ["TimeBill", "TimeBillResult", "RequestPlan", "Prompt", "parse_budget", "STOP_DEADLINE"]
+__all__ = [
+    "BOUNDS",
+    "STOP_DEADLINE",
+    "LeastTime",
+    "Prompt",
+    "Replan",
+    "RequestOptions",
+    "RequestPlan",
+    "TimeBill",
+    "TimeBillResult",
+    "parse_budget",
+]

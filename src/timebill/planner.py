@@ -1,9 +1,8 @@
-"""Choose the KV eviction ratio that makes a request's worst case fit its time budget (method §3–§4).
+"""Choose what a request runs with so that its worst case fits its time budget (method §3–§4).
 
-This module is the pure maths of the planner: it reads fitted time coefficients (from the estimator),
-a predicted response length (from the predictor) and a budget, and returns the smallest eviction ratio
-alpha whose worst-case end-to-end time fits. It imports nothing heavy (stdlib only) so that it can be
-tested exhaustively and run on the predictor's processor while the target model is still prefilling.
+Pure maths, stdlib only: fitted time coefficients (estimator) + predicted length (predictor) + budget in,
+a :class:`Plan` (the chosen :class:`Configuration`, today the eviction ratio α) out, plus the mid-decode
+re-plan (:func:`replan_alpha`). Every decision about α lives here; the facade only measures and applies.
 
 Model (all times in seconds)::
 
@@ -27,14 +26,21 @@ from numbers import Integral, Real
 from typing import Any
 
 from timebill.errors import InvalidInputError
+from timebill.options import DEFAULT_ALPHA_MAX, DEFAULT_INFEASIBLE_SLACK, DEFAULT_K
 
 __all__ = [
+    "DEFAULT_ALPHA_MAX",
+    "DEFAULT_INFEASIBLE_SLACK",
+    "DEFAULT_K",
+    "Configuration",
     "Plan",
     "TimeCoefficients",
     "decode_phase_s",
     "e2e_s",
     "kept_kv_tokens",
+    "least_time_s",
     "plan",
+    "replan_alpha",
     "solve_alpha",
     "solve_alpha_bruteforce",
     "wcet_s",
@@ -46,12 +52,9 @@ __all__ = [
 #: is 1e-12 s for budgets up to 1 s and scales with the budget above that (round-off scales with it).
 _FIT_TOLERANCE_REL = 1e-12
 
-#: Default pessimistic factor k (paper: 5) and maximum eviction ratio alpha_max (paper: 0.95).
-DEFAULT_K = 5.0
-DEFAULT_ALPHA_MAX = 0.95
-#: When no alpha fits: take the smallest alpha whose worst case is within 2 % of alpha_max's (ours; the
-#: paper's rule, alpha_max whatever it costs the answer, is ``infeasible_slack=0``).
-DEFAULT_INFEASIBLE_SLACK = 0.02
+# DEFAULT_K (paper: 5), DEFAULT_ALPHA_MAX (paper: 0.95) and DEFAULT_INFEASIBLE_SLACK (ours: when no alpha
+# fits, the smallest alpha whose worst case is within 2 % of alpha_max's; the paper's rule is 0) come from
+# ``timebill.options``, the request options' one home.
 
 
 # --------------------------------------------------------------------------------------------------
@@ -105,20 +108,22 @@ def _check_budget(budget_s: object) -> float:
     return value
 
 
+def _check_non_negative(name: str, value: object, what: str) -> float:
+    """A time or a count that cannot be negative; a negative one would silently enlarge the budget."""
+    as_float = _check_real(name, value)
+    if as_float < 0.0:
+        raise InvalidInputError(f"{name} ({what}) must be >= 0, got {as_float!r}.")
+    return as_float
+
+
 def _check_t_predict(t_predict_s: object) -> float:
-    """Predictor time that is not hidden behind prefill; negative time would silently enlarge the budget."""
-    value = _check_real("t_predict_s", t_predict_s)
-    if value < 0.0:
-        raise InvalidInputError(f"t_predict_s must be >= 0 seconds, got {value!r}.")
-    return value
+    """Predictor time that is not hidden behind prefill."""
+    return _check_non_negative("t_predict_s", t_predict_s, "seconds")
 
 
 def _check_n_hat(n_hat: object) -> float:
     """A predicted length is a non-negative token count (0 means "only the prefill token")."""
-    value = _check_real("n_hat", n_hat)
-    if value < 0.0:
-        raise InvalidInputError(f"n_hat (predicted response length) must be >= 0 tokens, got {value!r}.")
-    return value
+    return _check_non_negative("n_hat", n_hat, "predicted response length, tokens")
 
 
 def _check_k(k: object) -> float:
@@ -247,22 +252,60 @@ def wcet_s(
     return e2e_s(coef, n_x, alpha, worst_case_length(n_hat, k, n_max), min_kept)
 
 
-def _nominal_total_s(coef: TimeCoefficients, n_x: int, alpha: float, n_worst: int, t_predict_s: float) -> float:
-    """t_predict + WCET with the nominal (continuous) kept count ``(1-alpha)*n_x`` the closed form assumes."""
-    return t_predict_s + coef.prefill_s(n_x) + decode_phase_s(coef, (1.0 - alpha) * n_x, n_worst)
+def _nominal_total_s(coef: TimeCoefficients, n_x: int, alpha: float, n_worst: int, front_s: float) -> float:
+    """``front_s`` + the decode phase with the nominal (continuous) kept count ``(1-alpha)*n_x``."""
+    return front_s + decode_phase_s(coef, (1.0 - alpha) * n_x, n_worst)
 
 
-def _real_total_s(
-    coef: TimeCoefficients, n_x: int, alpha: float, n_worst: int, t_predict_s: float, min_kept: int
-) -> float:
-    """t_predict + WCET with the integer count the press really keeps; this is what the deadline sees."""
-    kept = kept_kv_tokens(n_x, alpha, min_kept)
-    return t_predict_s + coef.prefill_s(n_x) + decode_phase_s(coef, kept, n_worst)
+def _real_total_s(coef: TimeCoefficients, n_x: int, alpha: float, n_worst: int, front_s: float, min_kept: int) -> float:
+    """``front_s`` + the decode phase with the integer count the press really keeps: what the deadline sees."""
+    return front_s + decode_phase_s(coef, kept_kv_tokens(n_x, alpha, min_kept), n_worst)
+
+
+def _front_s(coef: TimeCoefficients, n_x: int, t_predict_s: float, spent_s: float | None, overhead_s: float) -> float:
+    """Time on the critical path before the first decode step.
+
+    Before prefill: the predictor's unhidden time + predicted prefill + ``overhead_s`` (eviction and decode
+    set-up). After prefill (``spent_s`` given): what has really been spent of the budget + ``overhead_s`` —
+    the budget counts from the request's arrival and the prefill's measured time replaces its prediction.
+    """
+    if spent_s is not None:
+        return spent_s + overhead_s
+    return t_predict_s + coef.prefill_s(n_x) + overhead_s
 
 
 # --------------------------------------------------------------------------------------------------
 # Choosing alpha (§4)
 # --------------------------------------------------------------------------------------------------
+
+
+def _solve_alpha_front(
+    coef: TimeCoefficients, n_x: int, budget_s: float, n_worst: int, front_s: float, alpha_cap: float
+) -> tuple[float, bool]:
+    """The closed form of :func:`solve_alpha` with everything before decode folded into ``front_s``."""
+    if n_worst <= 1:
+        alpha = 0.0  # no decode step: eviction cannot save time, so keep the whole prompt
+    elif coef.p <= 0.0:
+        fits_at_zero = _fits(_nominal_total_s(coef, n_x, 0.0, n_worst, front_s), budget_s)
+        alpha = 0.0 if fits_at_zero else alpha_cap
+    else:
+        steps = n_worst - 1
+        p_nx = coef.p * n_x
+        slack_s = budget_s - front_s
+        raw = 1.0 - slack_s / (p_nx * steps) + (n_worst - 2) / (2.0 * n_x) + coef.q / p_nx
+        alpha = min(max(raw, 0.0), alpha_cap)
+    return alpha, _fits(_nominal_total_s(coef, n_x, alpha, n_worst, front_s), budget_s)
+
+
+def _solver_args(
+    coef: TimeCoefficients, n_x: object, budget_s: object, n_worst: object, t_predict_s: object, alpha_max: object
+) -> tuple[int, float, int, float, float]:
+    """Validated (n_x, budget, n_worst, front time before decode, alpha_max) of the two alpha solvers."""
+    n_x_i = _check_int("n_x", n_x, 1)
+    budget = _check_budget(budget_s)
+    n_worst_i = _check_int("n_worst", n_worst, 1)
+    front = _check_t_predict(t_predict_s) + coef.prefill_s(n_x_i)
+    return n_x_i, budget, n_worst_i, front, _check_alpha_max(alpha_max)
 
 
 def solve_alpha(
@@ -289,25 +332,8 @@ def solve_alpha(
     Returns ``(alpha, feasible)`` where ``feasible`` says whether ``t_predict + WCET(alpha)`` with the
     nominal ``(1-alpha)*N_x`` kept tokens meets the budget.
     """
-    n_x_i = _check_int("n_x", n_x, 1)
-    budget = _check_budget(budget_s)
-    n_worst_i = _check_int("n_worst", n_worst, 1)
-    t_predict = _check_t_predict(t_predict_s)
-    alpha_cap = _check_alpha_max(alpha_max)
-
-    if n_worst_i <= 1:
-        alpha = 0.0  # no decode step: eviction cannot save time, so keep the whole prompt
-    elif coef.p <= 0.0:
-        fits_at_zero = _fits(_nominal_total_s(coef, n_x_i, 0.0, n_worst_i, t_predict), budget)
-        alpha = 0.0 if fits_at_zero else alpha_cap
-    else:
-        steps = n_worst_i - 1
-        p_nx = coef.p * n_x_i
-        slack_s = budget - coef.prefill_s(n_x_i) - t_predict
-        raw = 1.0 - slack_s / (p_nx * steps) + (n_worst_i - 2) / (2.0 * n_x_i) + coef.q / p_nx
-        alpha = min(max(raw, 0.0), alpha_cap)
-    feasible = _fits(_nominal_total_s(coef, n_x_i, alpha, n_worst_i, t_predict), budget)
-    return alpha, feasible
+    n_x_i, budget, n_worst_i, front, alpha_cap = _solver_args(coef, n_x, budget_s, n_worst, t_predict_s, alpha_max)
+    return _solve_alpha_front(coef, n_x_i, budget, n_worst_i, front, alpha_cap)
 
 
 def solve_alpha_bruteforce(
@@ -324,29 +350,40 @@ def solve_alpha_bruteforce(
     Uses the same nominal kept count as :func:`solve_alpha`; returns alpha_max when no grid point fits.
     It is independent of the closed form, so agreement (within one grid step) checks the algebra.
     """
-    n_x_i = _check_int("n_x", n_x, 1)
-    budget = _check_budget(budget_s)
-    n_worst_i = _check_int("n_worst", n_worst, 1)
-    t_predict = _check_t_predict(t_predict_s)
-    alpha_cap = _check_alpha_max(alpha_max)
+    n_x_i, budget, n_worst_i, front, alpha_cap = _solver_args(coef, n_x, budget_s, n_worst, t_predict_s, alpha_max)
     n_steps = _check_int("steps", steps, 2)
     for i in range(n_steps):
         alpha = alpha_cap * i / (n_steps - 1)
-        if _fits(_nominal_total_s(coef, n_x_i, alpha, n_worst_i, t_predict), budget):
+        if _fits(_nominal_total_s(coef, n_x_i, alpha, n_worst_i, front), budget):
             return alpha
     return alpha_cap
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One candidate θ: what a request runs with. Today the eviction ratio; new knobs are new fields."""
+
+    alpha: float = 0.0
+
+    def __post_init__(self) -> None:
+        """An eviction ratio is a fraction of the prompt KV."""
+        _check_alpha("alpha", self.alpha, upper_inclusive=False)
 
 
 @dataclass(frozen=True)
 class Plan:
     """The planner's decision for one request, with the predictions that justify it.
 
-    All predicted times use the tokens the press really keeps. ``earliest_feasible_budget_s`` is
-    ``t_predict + WCET(alpha_max)``: when ``feasible`` is False it tells the caller how large the budget
-    would have to be (the request still runs at alpha_max, and the overrun policy decides its fate).
+    All predicted times use the tokens the press really keeps. ``predicted_wcet_s`` is everything on the
+    critical path: before prefill ``t_predict + prefill + overhead + decode``; after it (``spent_s`` set)
+    ``spent + overhead + decode``. ``earliest_feasible_budget_s`` is the same total at alpha_max: when
+    ``feasible`` is False it tells the caller how large the budget would have to be (the request still
+    runs, and the overrun policy decides its fate). ``expected_e2e_s`` is the same total at N̂ tokens (the
+    expected case; the WCET when infeasible), capped by the budget because the guard never lets a request
+    run longer: what a server counts for queued work ahead of a new request.
     """
 
-    alpha: float
+    config: Configuration
     n_hat: float
     n_worst: int
     bound: str
@@ -356,10 +393,26 @@ class Plan:
     t_predict_s: float
     feasible: bool
     earliest_feasible_budget_s: float
+    expected_e2e_s: float = 0.0
+    spent_s: float | None = None
+    overhead_s: float = 0.0
+
+    @property
+    def alpha(self) -> float:
+        """The eviction ratio chosen (α*)."""
+        return self.config.alpha
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form for logs, the CLI and the server."""
-        return dataclasses.asdict(self)
+        """Plain-JSON form for logs: the configuration's fields inline, beside the predictions."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "config"}
+        return {**dataclasses.asdict(self.config), **data}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        """Inverse of :meth:`to_dict`."""
+        names = {f.name for f in dataclasses.fields(Configuration)}
+        config = Configuration(**{k: v for k, v in data.items() if k in names})
+        return cls(config=config, **{k: v for k, v in data.items() if k not in names})
 
 
 def _smallest_passing(passes: Callable[[float], bool], low: float, high: float) -> float:
@@ -372,6 +425,40 @@ def _smallest_passing(passes: Callable[[float], bool], low: float, high: float) 
             high = mid
         else:
             low = mid
+
+
+def _checked_front(
+    coef: TimeCoefficients, n_x: int, t_predict_s: object, spent_s: object, overhead_s: object
+) -> tuple[float, float | None, float, float]:
+    """Validated (t_predict, spent, overhead) and the front time they make (see :func:`_front_s`)."""
+    t_predict = _check_t_predict(t_predict_s)
+    spent = None if spent_s is None else _check_non_negative("spent_s", spent_s, "seconds already spent")
+    overhead = _check_non_negative("overhead_s", overhead_s, "seconds of eviction and decode set-up")
+    return t_predict, spent, overhead, _front_s(coef, n_x, t_predict, spent, overhead)
+
+
+def least_time_s(
+    coef: TimeCoefficients,
+    n_x: int,
+    n_worst: int,
+    *,
+    alpha_max: float = DEFAULT_ALPHA_MAX,
+    t_predict_s: float = 0.0,
+    spent_s: float | None = None,
+    overhead_s: float = 0.0,
+    min_kept: int = 0,
+) -> float:
+    """The least budget a request needs: its worst case (``n_worst`` tokens) at alpha_max.
+
+    This is :attr:`Plan.earliest_feasible_budget_s` without choosing an alpha, for callers (a server's
+    admission control) that only ask "can this request fit at all?".
+    """
+    n_x_i = _check_int("n_x", n_x, 1)
+    n_worst_i = _check_int("n_worst", n_worst, 1)
+    alpha_cap = _check_alpha_max(alpha_max)
+    min_kept_i = _check_int("min_kept", min_kept, 0)
+    front = _checked_front(coef, n_x_i, t_predict_s, spent_s, overhead_s)[3]
+    return _real_total_s(coef, n_x_i, alpha_cap, n_worst_i, front, min_kept_i)
 
 
 def plan(
@@ -388,6 +475,8 @@ def plan(
     n_worst: int | None = None,
     min_kept: int = 0,
     infeasible_slack: float = 0.0,
+    spent_s: float | None = None,
+    overhead_s: float = 0.0,
 ) -> Plan:
     """Choose alpha for one request: the smallest eviction ratio whose real worst case fits ``budget_s``.
 
@@ -407,13 +496,16 @@ def plan(
        overrun policy and the guard, and alpha_max buys it almost nothing when the prompt is short or the
        decode step is dominated by the weights (evicting 37 of a 39-token prompt saves ~1 % of a step)
        while it throws away nearly all of the prompt the answer depends on.
+
+    ``spent_s``: planning after prefill — that much of the budget is already gone (queue, prefill,
+    prediction), measured, so it replaces ``t_predict + t_prefill``. ``overhead_s``: eviction and decode
+    set-up, reserved on the critical path either way.
     """
     n_x_i = _check_int("n_x", n_x, 1)
     budget = _check_budget(budget_s)
     n_hat_f = _check_n_hat(n_hat)
     k_f = _check_k(k)
     n_max_i = _check_int("n_max", n_max, 1)
-    t_predict = _check_t_predict(t_predict_s)
     alpha_cap = _check_alpha_max(alpha_max)
     min_kept_i = _check_int("min_kept", min_kept, 0)
     slack = _check_real("infeasible_slack", infeasible_slack)
@@ -421,42 +513,106 @@ def plan(
         raise InvalidInputError(f"infeasible_slack must be >= 0 (0: the paper's alpha_max rule), got {slack!r}.")
     if not isinstance(bound, str) or not bound:
         raise InvalidInputError(f"bound must be a non-empty label such as 'k' or 'conformal', got {bound!r}.")
+    t_predict, spent, overhead, front = _checked_front(coef, n_x_i, t_predict_s, spent_s, overhead_s)
 
     if n_worst is None:
         n_worst_i = worst_case_length(n_hat_f, k_f, n_max_i)
     else:
         n_worst_i = min(_check_int("n_worst", n_worst, 1), n_max_i)
 
-    alpha, _ = solve_alpha(coef, n_x_i, budget, n_worst_i, t_predict, alpha_cap)
+    alpha, _ = _solve_alpha_front(coef, n_x_i, budget, n_worst_i, front, alpha_cap)
+
+    def total_at(candidate: float) -> float:
+        return _real_total_s(coef, n_x_i, candidate, n_worst_i, front, min_kept_i)
 
     def real_fits(candidate: float) -> bool:
-        return _fits(_real_total_s(coef, n_x_i, candidate, n_worst_i, t_predict, min_kept_i), budget)
+        return _fits(total_at(candidate), budget)
 
     if not real_fits(alpha) and coef.p > 0.0 and n_worst_i > 1:
         alpha = _smallest_passing(real_fits, alpha, alpha_cap) if real_fits(alpha_cap) else alpha_cap
 
-    earliest = _real_total_s(coef, n_x_i, alpha_cap, n_worst_i, t_predict, min_kept_i)
+    earliest = total_at(alpha_cap)
     # (With p <= 0 or a single token, eviction buys no time at all, and α = 0 passes the first check.)
     if slack > 0.0 and alpha == alpha_cap and not real_fits(alpha_cap):
         target = earliest * (1.0 + slack)
 
         def near_cap(candidate: float) -> bool:
-            return _real_total_s(coef, n_x_i, candidate, n_worst_i, t_predict, min_kept_i) <= target
+            return total_at(candidate) <= target
 
         alpha = 0.0 if near_cap(0.0) else _smallest_passing(near_cap, 0.0, alpha_cap)
 
-    prefill = coef.prefill_s(n_x_i)
-    decode = decode_phase_s(coef, kept_kv_tokens(n_x_i, alpha, min_kept_i), n_worst_i)
-    wcet_total = t_predict + prefill + decode
+    kept = kept_kv_tokens(n_x_i, alpha, min_kept_i)
+    decode = decode_phase_s(coef, kept, n_worst_i)
+    wcet_total = front + decode
+    feasible = _fits(wcet_total, budget)
+    n_expected = max(1, min(math.ceil(n_hat_f), n_max_i))
+    expected = front + decode_phase_s(coef, kept, n_expected) if feasible else wcet_total
     return Plan(
-        alpha=alpha,
+        config=Configuration(alpha=alpha),
         n_hat=n_hat_f,
         n_worst=n_worst_i,
         bound=bound,
-        predicted_prefill_s=prefill,
+        predicted_prefill_s=coef.prefill_s(n_x_i),
         predicted_decode_s=decode,
         predicted_wcet_s=wcet_total,
         t_predict_s=t_predict,
-        feasible=_fits(wcet_total, budget),
+        feasible=feasible,
         earliest_feasible_budget_s=earliest,
+        expected_e2e_s=min(expected, budget),
+        spent_s=spent,
+        overhead_s=overhead,
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Re-planning during decode (ours)
+# --------------------------------------------------------------------------------------------------
+
+
+def replan_alpha(
+    coef: TimeCoefficients,
+    *,
+    pace: float,
+    remaining_s: float,
+    needed_s: float,
+    remaining_tokens: int,
+    kv_len: int,
+    prompt_kv_len: int,
+    alpha: float,
+    alpha_max: float = DEFAULT_ALPHA_MAX,
+    infeasible_slack: float = 0.0,
+) -> float | None:
+    """How much more of the prompt KV to evict mid-decode, or None to change nothing.
+
+    ``needed_s`` is the estimator's time for the ``remaining_tokens`` worst-case steps at the current
+    cache, already scaled by ``pace`` (measured recent steps / their prediction); ``remaining_s`` is what
+    is left of the budget. On time or ahead: None. Behind: solve
+    ``sum_{i<r} pace*(p*(kv_allowed + i) + q) <= remaining_s`` for the prompt tokens that may stay, and
+    return the extra fraction of the *remaining* prompt KV to evict, so that the total ratio never passes
+    ``alpha_max`` (``alpha`` is the ratio applied so far). When even alpha_max cannot make it and
+    ``infeasible_slack`` > 0, evict only as far as buys more than that fraction of the remaining time (on a
+    short prompt that is nothing; the deadline guard then ends the answer), as :func:`plan` does.
+    Less than one token's worth of eviction is not worth a prune: None.
+    """
+    if needed_s <= remaining_s:
+        return None
+    p, q = coef.p * pace, coef.q * pace
+    r = remaining_tokens
+    if p <= 0 or r <= 0:
+        return None
+    kv_allowed = (remaining_s - r * q - p * r * (r - 1) / 2) / (p * r)
+    generated = kv_len - prompt_kv_len
+    prompt_allowed = kv_allowed - generated
+    max_extra = 1.0 - (1.0 - alpha_max) / (1.0 - alpha) if alpha < alpha_max else 0.0
+    if max_extra <= 0 or prompt_kv_len <= 1:
+        return None
+    kept_at_max = prompt_kv_len * (1.0 - max_extra)
+    if infeasible_slack > 0 and prompt_allowed < kept_at_max:
+        fixed_s = r * q + p * r * (r - 1) / 2
+        t_at_max = fixed_s + p * r * (kept_at_max + generated)
+        prompt_allowed = max(prompt_allowed, (t_at_max * (1 + infeasible_slack) - fixed_s) / (p * r) - generated)
+    extra = 1.0 - max(prompt_allowed, 0.0) / prompt_kv_len
+    extra = min(max(extra, 0.0), max_extra)
+    if extra * prompt_kv_len < 1.0:
+        return None
+    return extra

@@ -204,6 +204,28 @@ class FixedAlpha(Method):
         return f"{what}, {self.weights} weights (one run per task; budgets applied to its trace)"
 
 
+#: A TimeBill run's record field ← the :meth:`TimeBillResult.to_record` field it holds. The run files
+#: predate that record and keep their own (shorter) names, so that old and new runs read alike.
+_RECORD_FIELDS = {
+    "text": "text",
+    "stop_reason": "stop_reason",
+    "e2e_s": "measured_e2e_s",
+    "prompt_tokens": "prompt_tokens",
+    "kept_kv_tokens": "kept_kv_tokens",
+    "alpha": "alpha_final",
+    "alpha_star": "alpha_star",
+    "n_hat": "n_hat",
+    "n_worst": "n_worst",
+    "feasible": "feasible",
+    "predicted_prefill_s": "predicted_prefill_s",
+    "predicted_wcet_s": "predicted_wcet_s",
+    "prefill_s": "measured_prefill_s",
+    "decode_s": "measured_decode_s",
+    "t_predict_s": "t_predict_s",
+    "decode_path": "decode_path",
+}
+
+
 @dataclass(frozen=True)
 class TimeBillMethod(Method):
     """TimeBill's request path at budget T: predict N̂, plan α*, evict, decode under the guard."""
@@ -220,18 +242,16 @@ class TimeBillMethod(Method):
         if budget_s is None:
             raise InvalidInputError(f"{self.name} needs a time budget")
         tb = resources.timebill()
+        options = tb.request_options(
+            max_new_tokens=task.max_new_tokens,
+            k=self.k,
+            bound=self.bound,
+            replan=self.replan,
+            infeasible_slack=self.infeasible_slack,
+        )
         t0 = time.perf_counter()
         try:
-            result = tb.generate(
-                task.prompt,
-                time_budget=budget_s,
-                max_new_tokens=task.max_new_tokens,
-                k=self.k,
-                bound=self.bound,
-                replan=self.replan,
-                chat=task.chat,
-                infeasible_slack=self.infeasible_slack,
-            )
+            result = tb.generate(task.prompt, budget_s, options, chat=task.chat)
         except InfeasibleBudgetError as exc:
             return {
                 "text": "",
@@ -242,31 +262,13 @@ class TimeBillMethod(Method):
                 "refused": str(exc),
                 "predictor": resources.predictor_label,
             }
+        full = result.to_record()
         gen = result.generation
-        times = list(gen.token_times_s)
-        plan = result.plan
-        record = {
-            "text": result.text,
-            "token_ids": list(gen.token_ids),
-            "token_times_s": times,
-            "stop_reason": result.stop_reason,
-            "e2e_s": result.measured_e2e_s,
-            "prompt_tokens": gen.prompt_tokens,
-            "kept_kv_tokens": gen.kept_kv_tokens,
-            "alpha": gen.alpha,
-            "alpha_star": plan.alpha,
-            "n_hat": plan.n_hat,
-            "n_worst": plan.n_worst,
-            "feasible": plan.feasible,
-            "predicted_prefill_s": plan.predicted_prefill_s,
-            "predicted_wcet_s": plan.predicted_wcet_s,
-            "prefill_s": result.measured_prefill_s,
-            "decode_s": result.measured_decode_s,
-            "t_predict_s": result.t_predict_s,
-            "replans": len(result.replans),
-            "decode_path": gen.decode_path,
-            "predictor": resources.predictor_label,
-        }
+        record = {name: full[source] for name, source in _RECORD_FIELDS.items()}
+        record["token_ids"] = list(gen.token_ids)
+        record["token_times_s"] = list(gen.token_times_s)
+        record["replans"] = len(result.replans)
+        record["predictor"] = resources.predictor_label
         # For the Fig. 6 plot: the time model's e2e (with its online correction, as the plan used it) at the
         # length actually generated and the final α.
         try:

@@ -2,7 +2,7 @@
 
 The target's prefill computes the final-norm hidden state of every prompt token anyway; with
 ``Engine.prefill(..., capture_hidden=True)`` a forward hook keeps the last one
-(``state.extra["last_hidden"]``). A trained head on that vector predicts the length for the cost of
+(``state.last_hidden``). A trained head on that vector predicts the length for the cost of
 one small matrix product — no second model, nothing beside the prefill on the critical path, and it
 reads the *whole* prompt (no truncation). Its price: it needs the prefill to have run (the facade's
 ``probe`` arrangement), and it only exists for the model it was trained on.
@@ -30,7 +30,7 @@ class ProbePredictor(TargetHeadPredictor):
     def predict_hidden(
         self, last_hidden: torch.Tensor | np.ndarray, prompt_tokens: int | None = None
     ) -> LengthPrediction:
-        """Predict from the hidden state the engine's prefill captured (``state.extra["last_hidden"]``)."""
+        """Predict from the hidden state the engine's prefill captured (``state.last_hidden``)."""
         if self.features.blocks != ("last",) or self.features.source != "full":
             raise PredictorError("This probe reads more than the last hidden state; use predict_ids().")
         if self.features.log_prompt_tokens and prompt_tokens is None:
@@ -42,7 +42,7 @@ class ProbePredictor(TargetHeadPredictor):
 
     def predict_state(self, state: object) -> LengthPrediction:
         """Predict from a :class:`~timebill.engine.PrefillState` made with ``capture_hidden=True``."""
-        hidden = getattr(state, "extra", {}).get("last_hidden")
+        hidden = getattr(state, "last_hidden", None)
         if hidden is None:
             raise PredictorError("The prefill did not capture the last hidden state: pass capture_hidden=True.")
         return self.predict_hidden(hidden, state.prompt_tokens)
