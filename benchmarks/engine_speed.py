@@ -56,7 +56,7 @@ def engine_run(engine: Engine, ids: list[int], alpha: float, steps: int) -> tupl
     """(prefill tok/s, decode tok/s) for one request through the production path."""
     state = engine.prefill(ids, press="snapkv", capture=alpha > 0)
     engine.evict(state, alpha)
-    _, _, step_times, _ = engine.decode(state, max_new_tokens=steps + 1)
+    step_times = engine.decode(state, max_new_tokens=steps + 1).step_times_s
     return len(ids) / state.prefill_s, 1.0 / statistics.median(step_times)
 
 

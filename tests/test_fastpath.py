@@ -51,7 +51,7 @@ def test_mid_decode_eviction_matches_reference(engine: Engine, reference: Engine
             if i == 6:
                 eng.evict(st, 0.5)
 
-        tokens, _, _, _ = eng.decode(state, max_new_tokens=20, on_step=replan)
+        tokens = eng.decode(state, max_new_tokens=20, on_step=replan).token_ids
         assert state.prompt_kv_len == int(int(len(ids) * 0.75) * 0.5)
         return tokens
 
@@ -78,7 +78,7 @@ def test_unsupported_architecture_falls_back_with_logged_reason(caplog: pytest.L
     assert "gpt2" in (eng.fast_fallback_reason or "")
     assert any("fast decode path unavailable" in r.message for r in caplog.records)
     state = eng.prefill([1, 2, 3, 4], capture=False)
-    tokens, _, _, _ = eng.decode(state, max_new_tokens=3)
+    tokens = eng.decode(state, max_new_tokens=3).token_ids
     assert len(tokens) == 3
 
 
@@ -184,7 +184,7 @@ def test_int4_mid_decode_eviction_on_the_bf16_cache(engine: Engine, press: str) 
         if i == 4:
             eng.evict(st, 0.5)
 
-    tokens, _, _, _ = eng.decode(state, max_new_tokens=12, on_step=replan)
+    tokens = eng.decode(state, max_new_tokens=12, on_step=replan).token_ids
     assert state.static is not None and state.static.k.dtype == eng.fast.kv_dtype
     assert state.prompt_kv_len == int(int(len(ids) * 0.75) * 0.5)
     assert len(tokens) == 12 or tokens[-1] in eng.stop_ids
