@@ -24,8 +24,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from timebill.engine import Engine
 from timebill.errors import ProfileError
 from timebill.estimator import profile_engine
-from timebill.estimator.estimator import format_profile_report
 from timebill.estimator.profiler import ProfileGrid
+from timebill.estimator.report import format_profile_report
 from timebill.estimator.store import save_profile
 from timebill.loading import ModelSource
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -13,6 +14,7 @@ import pytest
 
 from timebill.errors import InvalidInputError, ProfileError
 from timebill.estimator import (
+    ExecutionTimeEstimator,
     LinFit,
     ModelShape,
     OnlineRecalibrator,
@@ -39,6 +41,7 @@ from timebill.estimator import (
     select_model,
     split_holdout,
 )
+from timebill.estimator.timemodel import TimeModel
 from timebill.paths import cache_dir
 
 SMOLLM2_135M = {
@@ -241,6 +244,18 @@ def test_recalibrator() -> None:
     assert rec2.count("prefill") == 1 and rec2.scale("prefill") == 4.0
     with pytest.raises(InvalidInputError):
         rec2.scale("decode")
+
+
+def test_execution_time_estimator_implements_time_model() -> None:
+    """The facade and bench call the estimator through TimeModel: every member exists, same signature."""
+    members = [name for name, value in vars(TimeModel).items() if callable(value) and not name.startswith("_")]
+    assert set(members) >= {"coefficients", "prefill_s", "step_s", "decode_phase_s", "evict_s", "setup_s", "e2e_s"}
+    assert "observe" in members
+    for name in members:
+        assert hasattr(ExecutionTimeEstimator, name), f"ExecutionTimeEstimator lost {name}()"
+        assert inspect.signature(getattr(ExecutionTimeEstimator, name)) == inspect.signature(getattr(TimeModel, name))
+    estimator = ExecutionTimeEstimator(QuadFit(a=1e-8, b=1e-4, c=1e-3), LinFit(p=1e-6, q=1e-2))
+    assert isinstance(estimator, TimeModel)
 
 
 # ---------------------------------------------------------------- FLOPs

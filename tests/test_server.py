@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from length_predictors import ConstantPredictor
 from timebill.errors import PredictorError
 from timebill.facade import TimeBill
-from timebill.server import EDFQueue, Job, create_app
+from timebill.serve import EDFQueue, Job, create_app
 
 CHAT = [{"role": "user", "content": "Name three colours."}]
 

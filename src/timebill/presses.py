@@ -41,6 +41,7 @@ SNAPKV_WINDOW = 32
 SNAPKV_KERNEL = 5
 STREAMING_SINKS = 4
 
+
 def make_press(name: str) -> ScorerPress:
     """Build the kvpress press behind one of our press names (settings pinned here, documented above)."""
     if name == "snapkv":

@@ -2,29 +2,25 @@
 
 Layout (Vidur-style: measurement separate from the models of it):
 
-* ``flops``     — FLOPs of prefill / a decode step from the model config (why the forms are what they are);
-* ``profiler``  — times the engine's own prefill, eviction, decode set-up and decode step (imports torch
+* ``flops``         — FLOPs of prefill / a decode step from the model config (why the forms are what they are);
+* ``profiler``      — times the engine's own prefill, eviction, decode set-up and decode step (imports torch
   only when it runs);
-* ``fit``       — non-negative least-squares fits of the time forms, online recalibrator;
-* ``estimator`` — fits a profile from measurements, predicts request times (e2e, WCET), reports;
-* ``store``     — profile files keyed by setup, saved atomically.
+* ``fit``           — non-negative least-squares fits of the time forms;
+* ``profile_fit``   — fits a profile from the profiler's measurements (form choice, held-out MAPE, noise);
+* ``estimator``     — predicts request times (e2e, WCET) from a profile;
+* ``recalibration`` — online correction of the predictions by measured requests;
+* ``timemodel``     — the ``TimeModel`` protocol the facade and bench call the estimator through;
+* ``report``        — the text report and plot of a profile;
+* ``store``         — profile files keyed by setup, saved atomically.
 """
 
 from __future__ import annotations
 
-from timebill.estimator.estimator import (
-    DriftTracker,
-    ExecutionTimeEstimator,
-    fit_profile,
-    format_profile_report,
-    plot_profile,
-    profile_key_for,
-)
+from timebill.estimator.estimator import ExecutionTimeEstimator
 from timebill.estimator.fit import (
     PAPER_KINDS,
     Fit,
     LinFit,
-    OnlineRecalibrator,
     PiecewiseLinFit,
     PiecewiseQuadFit,
     QuadFit,
@@ -45,7 +41,10 @@ from timebill.estimator.flops import (
     format_flops_table,
     prefill_flops,
 )
+from timebill.estimator.profile_fit import fit_profile, profile_key_for
 from timebill.estimator.profiler import DEFAULT_N_MAX, ProfileGrid, profile_engine
+from timebill.estimator.recalibration import DriftTracker, OnlineRecalibrator
+from timebill.estimator.report import format_profile_report, plot_profile
 from timebill.estimator.store import (
     SCHEMA_VERSION,
     Profile,
@@ -61,6 +60,7 @@ from timebill.estimator.store import (
     load_profile,
     save_profile,
 )
+from timebill.estimator.timemodel import TimeModel
 
 __all__ = [
     "DEFAULT_N_MAX",
@@ -75,6 +75,7 @@ __all__ = [
     "profile_key_for",
     "PAPER_KINDS",
     "SCHEMA_VERSION",
+    "TimeModel",
     "Fit",
     "FlopsBreakdown",
     "LinFit",

@@ -1,22 +1,9 @@
-"""Fitting the ETE's time models (method §3) and correcting them online.
-
-Forms:
+"""Fitting the ETE's time models (method §3): non-negative least squares of the paper's forms and hinges.
 
 * ``QuadFit``            t = a·N² + b·N + c                      (paper's prefill form)
 * ``LinFit``             t = p·N + q                             (paper's decode-step form)
 * ``PiecewiseQuadFit``   t = a·N² + b·N + c + b2·max(0, N − knot)
 * ``PiecewiseLinFit``    t = p·N + q + p2·max(0, N − knot)       (continuous, one knot)
-
-The hinge forms exist because on CPUs the per-token cost can step up once the KV cache or activations
-spill out of a cache level; a single hinge captures that without the over-fitting of free polynomials.
-
-All coefficients are constrained to be ≥ 0: time cannot decrease with more tokens, and a negative
-intercept would predict negative times for short inputs. The problems have ≤ 4 unknowns, so the exact
-non-negative least-squares solution is found by enumerating active sets (numpy only, no scipy).
-
-By default fits minimise the **relative** squared error (rows weighted by 1/t). MAPE is the metric the
-paper reports, and with absolute errors the long prompts (seconds) would dominate and the short prompts
-(milliseconds) would be fitted with tens of percent error.
 """
 
 from __future__ import annotations
@@ -24,8 +11,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import statistics
-from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar, Literal
@@ -68,6 +53,9 @@ def _check_xy(n: Any, t: Any, min_points: int, weighting: Weighting) -> tuple[np
 def _nnls_small(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, float]:
     """Exact weighted NNLS for a handful of unknowns by enumerating which ones are free.
 
+    All coefficients are constrained to be ≥ 0: time cannot decrease with more tokens, and a negative
+    intercept would predict negative times for short inputs. The problems have ≤ 4 unknowns, so the exact
+    solution is found by enumerating active sets (numpy only, no scipy).
     The NNLS optimum is the unconstrained LS solution on its support, and that solution is feasible, so
     the best feasible candidate over all supports is the optimum. Columns are scaled to unit max norm
     first because N² and 1 differ by ~10⁹ and would otherwise wreck the conditioning.
@@ -97,6 +85,11 @@ def _nnls_small(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray
 
 
 def _weights(t: np.ndarray, weighting: Weighting) -> np.ndarray:
+    """Row weights: by default 1/t, so fits minimise the **relative** squared error.
+
+    MAPE is the metric the paper reports, and with absolute errors the long prompts (seconds) would
+    dominate and the short prompts (milliseconds) would be fitted with tens of percent error.
+    """
     return 1.0 / t if weighting == "relative" else np.ones_like(t)
 
 
@@ -105,6 +98,8 @@ def _scalar_or_array(n: ArrayLike, values: np.ndarray) -> float | np.ndarray:
 
 
 def _hinge(n: np.ndarray, knot: float) -> np.ndarray:
+    """``max(0, N − knot)``: on CPUs the per-token cost can step up once the KV cache or activations spill
+    out of a cache level; one hinge captures that without the over-fitting of free polynomials."""
     return np.maximum(0.0, n - knot)
 
 
@@ -353,68 +348,3 @@ def select_model(candidates: Sequence[Fit], n_holdout: Any, t_holdout: Any) -> F
         candidates[chosen].kind,
     )
     return candidates[chosen]
-
-
-@dataclass(frozen=True)
-class _Observation:
-    kind: str
-    n: float
-    measured_s: float
-    predicted_s: float
-
-
-class OnlineRecalibrator:
-    """Corrects the offline profile with recent measured/predicted ratios.
-
-    The factor is **multiplicative** because the usual cause of drift on a CPU host — other processes
-    stealing cores, thermal or frequency changes, memory-bandwidth contention — slows every matmul and
-    attention kernel by about the same proportion, i.e. scales the whole curve. It is the **median** of
-    the ratios in a bounded window (default 64) because single observations can be one-off spikes (a
-    page fault, a GC pause, a preempted thread); the median ignores them while the window tracks a
-    sustained change. The factor is clipped to [0.25, 4] so a burst of garbage cannot make the estimator
-    absurd, and it is 1.0 until ``min_obs`` observations of that kind exist.
-    """
-
-    KINDS = ("prefill", "step")
-
-    def __init__(self, window: int = 64, min_obs: int = 4, clip: tuple[float, float] = (0.25, 4.0)) -> None:
-        if window < 1 or min_obs < 1:
-            raise InvalidInputError("window and min_obs must be ≥ 1")
-        if not 0 < clip[0] <= 1.0 <= clip[1]:
-            raise InvalidInputError(f"clip must satisfy 0 < low ≤ 1 ≤ high, got {clip}")
-        self.min_obs = min_obs
-        self.clip = clip
-        self._obs: deque[_Observation] = deque(maxlen=window)
-
-    def _observe(self, kind: str, n: float, measured_s: float, predicted_s: float) -> None:
-        # A non-positive or non-finite time is a clock or caller glitch; it carries no information
-        # about speed and would poison the ratio, so it is dropped rather than raised mid-generation.
-        if not (math.isfinite(measured_s) and math.isfinite(predicted_s)) or measured_s <= 0 or predicted_s <= 0:
-            log.debug("recalibrator: ignoring %s observation %r/%r", kind, measured_s, predicted_s)
-            return
-        self._obs.append(_Observation(kind, float(n), float(measured_s), float(predicted_s)))
-
-    def observe_prefill(self, n_x: int, measured_s: float, predicted_s: float) -> None:
-        """Record a prefill of ``n_x`` tokens that took ``measured_s`` against ``predicted_s``."""
-        self._observe("prefill", n_x, measured_s, predicted_s)
-
-    def observe_step(self, n_kv: int, measured_s: float, predicted_s: float) -> None:
-        """Record one decode step at cache length ``n_kv``."""
-        self._observe("step", n_kv, measured_s, predicted_s)
-
-    def count(self, kind: str) -> int:
-        """Observations of ``kind`` currently in the window."""
-        return sum(1 for o in self._obs if o.kind == kind)
-
-    def scale(self, kind: str) -> float:
-        """Correction factor for ``kind`` ('prefill' or 'step'): multiply predictions by it."""
-        if kind not in self.KINDS:
-            raise InvalidInputError(f"kind must be one of {self.KINDS}, got {kind!r}")
-        ratios = [o.measured_s / o.predicted_s for o in self._obs if o.kind == kind]
-        if len(ratios) < self.min_obs:
-            return 1.0
-        return float(min(max(statistics.median(ratios), self.clip[0]), self.clip[1]))
-
-    def reset(self) -> None:
-        """Forget all observations (e.g. after re-profiling)."""
-        self._obs.clear()

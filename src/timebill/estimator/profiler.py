@@ -42,7 +42,6 @@ import inspect
 import os
 import random
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from timebill.errors import InvalidInputError
+from timebill.progress import progress_bar
 
 if TYPE_CHECKING:  # the engine imports torch; the estimator package must stay importable without it
     from timebill.engine import Engine
@@ -494,13 +494,10 @@ class _Progress:
     def __init__(self, enabled: bool, total: float, desc: str) -> None:
         self._bar = None
         if enabled:
-            from tqdm import tqdm
-
-            self._bar = tqdm(
-                total=total,
-                desc=desc,
-                unit="work",
-                file=sys.stderr,
+            self._bar = progress_bar(
+                total,
+                "work",
+                desc,
                 bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}",
                 dynamic_ncols=True,
             )
@@ -672,7 +669,7 @@ def profile_engine(
     n_max: int = DEFAULT_N_MAX,
 ) -> Profile:
     """Measure ``engine`` over ``grid`` (default: the full grid) and fit the ETE: a ready-to-save Profile."""
-    from timebill.estimator.estimator import fit_profile, profile_key_for
+    from timebill.estimator.profile_fit import fit_profile, profile_key_for
 
     grid = grid or ProfileGrid.full(engine.context_length, n_max)
     run = measure(engine, grid, press=press, progress=progress, n_max=n_max)

@@ -1,0 +1,184 @@
+"""The earliest-deadline-first queue in front of the one model worker; testable without FastAPI.
+
+One model, one request at a time (two at once on two cores would each take twice as long and break both
+plans). Waiting requests are ordered by absolute deadline (arrival + budget): time queued is budget gone.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from timebill.errors import InvalidInputError
+
+logger = logging.getLogger(__name__)
+
+QUEUED, RUNNING, DROPPED, DONE = "queued", "running", "dropped", "done"
+
+
+@dataclass(eq=False)
+class Job:
+    """A request admitted to the queue: its deadline and what the queue needs to reason about time.
+
+    ``expected_s``: predicted time the request will hold the model (its expected end-to-end time);
+    ``min_need_s``: the least time it needs once started (its WCET at α_max, i.e. the plan's earliest
+    feasible budget). ``deadline`` and ``arrival`` are ``time.perf_counter()`` values.
+    """
+
+    arrival: float
+    deadline: float
+    expected_s: float
+    min_need_s: float
+    payload: Any = None
+    state: str = QUEUED
+    started_at: float | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def latest_start(self) -> float:
+        """After this moment the request cannot fit even at α_max: it must be refused, not started."""
+        return self.deadline - self.min_need_s
+
+
+class EDFQueue:
+    """Earliest-deadline-first queue in front of one worker thread that runs ``runner(job)`` per job.
+
+    Thread-safe: admission threads push, handlers on the event loop drop, the worker pops.
+    Dropped jobs stay in the heap until popped (lazy deletion) but are not counted or run.
+    """
+
+    def __init__(
+        self, runner: Callable[[Job], None], name: str = "timebill-model", on_start: Callable[[], None] | None = None
+    ) -> None:
+        self._runner = runner
+        self._name = name
+        self._on_start = on_start
+        self._heap: list[tuple[float, int, Job]] = []
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._running: Job | None = None
+        self._queued = 0
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+        self._thread.start()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop taking work: drop what waits, cancel what runs, wait for the worker."""
+        with self._cond:
+            self._closed = True
+            for _, _, job in self._heap:
+                if job.state == QUEUED:
+                    job.state = DROPPED
+                job.cancel.set()
+            self._heap.clear()
+            self._queued = 0
+            if self._running is not None:
+                self._running.cancel.set()
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting (not the one running)."""
+        return self._queued
+
+    @property
+    def busy(self) -> bool:
+        return self._running is not None
+
+    def push(self, job: Job) -> None:
+        with self._cond:
+            if self._closed:
+                raise InvalidInputError("The server is shutting down; try again later.")
+            heapq.heappush(self._heap, (job.deadline, next(self._seq), job))
+            self._queued += 1
+            self._cond.notify()
+
+    def drop(self, job: Job) -> bool:
+        """Take a waiting job out (client gone, or past its latest start). False if it already started."""
+        with self._cond:
+            if job.state != QUEUED:
+                return False
+            job.state = DROPPED
+            self._queued -= 1
+            return True
+
+    def _running_left_s(self, now: float) -> float:
+        job = self._running
+        if job is None or job.started_at is None:
+            return 0.0
+        return max(0.0, min(job.started_at + job.expected_s, job.deadline) - now)
+
+    def backlog_s(self, deadline: float, now: float) -> float:
+        """Predicted model time before a request with ``deadline`` would start (running + queued due no later)."""
+        with self._cond:
+            ahead = [j for _, _, j in self._heap if j.state == QUEUED and j.deadline <= deadline]
+            return self._running_left_s(now) + sum(_capped_expected(j, now) for j in ahead)
+
+    def total_backlog_s(self, now: float) -> float:
+        """Predicted model time of everything admitted: a request placed after all of it waits this long."""
+        return self.backlog_s(math.inf, now)
+
+    def slack_after_s(self, deadline: float, now: float) -> float:
+        """How much a new request with ``deadline`` may delay the queued requests due after it.
+
+        For each of them: its latest start minus its predicted start today; the smallest of these (inf if
+        none) is what a newcomer's expected time must not exceed.
+        """
+        with self._cond:
+            queued = sorted((d, s, j) for d, s, j in self._heap if j.state == QUEUED)
+            start = now + self._running_left_s(now)
+            slack = math.inf
+            for d, _, job in queued:
+                if d > deadline:
+                    slack = min(slack, job.latest_start - start)
+                start += _capped_expected(job, start)
+            return slack
+
+    def _next(self) -> Job | None:
+        with self._cond:
+            while True:
+                while self._heap and not self._closed:
+                    _, _, job = heapq.heappop(self._heap)
+                    if job.state == QUEUED:
+                        job.state = RUNNING
+                        job.started_at = time.perf_counter()
+                        self._queued -= 1
+                        self._running = job
+                        return job
+                if self._closed:
+                    return None
+                self._cond.wait()
+
+    def _loop(self) -> None:
+        if self._on_start is not None:
+            self._on_start()
+        while (job := self._next()) is not None:
+            try:
+                self._runner(job)
+            except BaseException:  # the worker must outlive any one request
+                logger.exception("request failed in the model worker")
+            finally:
+                with self._cond:
+                    job.state = DONE
+                    self._running = None
+
+
+def _capped_expected(job: Job, start: float) -> float:
+    """A job's expected model time if it starts at ``start``: never past its deadline (the guard stops it)."""
+    return max(0.0, min(job.expected_s, job.deadline - start))
