@@ -1,10 +1,10 @@
 """Decode-step attention of the labelling batch: masked over the padded width vs each row's own span.
 
-A :class:`timebill.predictor.labelling.ContinuousBatch` is as wide as its longest row; rows are
+A :class:`timebill.predictor.batch_decode.ContinuousBatch` is as wide as its longest row; rows are
 right-aligned. This times, side by side in one run, the attention of one decode step over all
 layers (SmolLM2-135M shapes: 3 KV heads x 3 query heads each, head dim 64, 30 layers) done
 (a) as one SDPA call with the padding mask, as HF does, and (b) as the labeller now does it
-(:func:`timebill.predictor.labelling._grouped_sdpa`: one unpadded call per row).
+(:func:`timebill.predictor.batch_decode._grouped_sdpa`: one unpadded call per row).
 
     python benchmarks/labelling_attention.py --threads 1 --rows 32 --width 2000
 """
@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from timebill.predictor.labelling import _grouped_sdpa
+from timebill.predictor.batch_decode import _grouped_sdpa
 
 
 def main() -> None:

@@ -36,13 +36,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from timebill.cpulock import holding
 from timebill.engine import Engine
 from timebill.paths import cache_dir, write_bytes_atomically
 from timebill.predictor.buckets import BucketSpec
 from timebill.predictor.experiment import SPLITS, Evaluation, LabelledData
-from timebill.predictor.features import FeatureStore, holding, truncate_head_tail
+from timebill.predictor.features import FeatureStore, truncate_head_tail
 from timebill.predictor.heads import Head, HeadConfig, train_head
 from timebill.predictor.rlp import points_from_probs
+from timebill.progress import progress_bar
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT_MD = ROOT / "docs" / "results" / "rlp_finetune.md"
@@ -70,8 +72,6 @@ def pooled(norm: nn.Module, hidden: torch.Tensor, prompt_tokens: int) -> torch.T
 
 def cache_states(engine: Engine, data: LabelledData, split_layer: int, n_p: int, lock: str | None) -> FeatureStore:
     """Input of layer ``split_layer`` for every labelled prompt's N_p-token input (float16, padded to N_p)."""
-    from tqdm import tqdm
-
     src = engine.source
     where = cache_dir() / "features" / f"{src.model_id}-{src.fingerprint}"
     store = FeatureStore(where / f"states-np{n_p}-L{split_layer}")
@@ -79,7 +79,7 @@ def cache_states(engine: Engine, data: LabelledData, split_layer: int, n_p: int,
     todo = [(i, p) for i, p in data.items() if i not in done]
     decoder = decoder_of(engine)
     lower = list(decoder.layers[:split_layer])
-    with tqdm(total=len(todo), unit="prompt", desc=f"layer-{split_layer} states") as bar:
+    with progress_bar(len(todo), "prompt", f"layer-{split_layer} states") as bar:
         for start in range(0, len(todo), 32):
             part = todo[start : start + 32]
             states = np.zeros((len(part), n_p, decoder.config.hidden_size), dtype=np.float16)

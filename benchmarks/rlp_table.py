@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from timebill.bench.runner import machine_id
+from timebill.cpulock import holding
 from timebill.engine import Engine
 from timebill.predictor.buckets import BucketSpec
 from timebill.predictor.data import DEFAULT_SPLIT_SIZES
@@ -42,7 +43,7 @@ from timebill.predictor.experiment import (
     plot_predictions,
     table1_suite,
 )
-from timebill.predictor.features import FeatureConfig, holding, truncate_head_tail
+from timebill.predictor.features import FeatureConfig, truncate_head_tail
 from timebill.predictor.probe import ProbePredictor
 from timebill.predictor.rlp import RLPredictor
 

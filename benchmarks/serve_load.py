@@ -38,7 +38,8 @@ import httpx
 import uvicorn
 
 from timebill.facade import TimeBill
-from timebill.server import create_app, load_timebill
+from timebill.predictor import ConstantLengthPredictor
+from timebill.serve import create_app, load_timebill
 
 DOCUMENT = (
     "A robot arm on an assembly line picks a part from a tray, checks it with a camera, and places it "
@@ -60,23 +61,12 @@ MAX_TOKENS = (32, 64, 128)
 CLIENT_SLACK_S = 0.05  # loopback HTTP and JSON between the server's clock and the client's
 
 
-class ConstantLengthPredictor:
-    """Predicts the same length for every prompt (a training-set median, say): the stand-in predictor."""
+def constant_length_predictor(length: float) -> ConstantLengthPredictor:
+    """The stand-in predictor: the same length for every prompt (a training-set median, say).
 
-    uses_prefill_hidden = False
-
-    def __init__(self, length: float) -> None:
-        self.length = float(length)
-
-    def predict(self, prompt: str) -> ConstantLengthPredictor:
-        return self
-
-    @property
-    def point(self) -> float:
-        return self.length
-
-    def upper(self, delta: float) -> float:
-        return self.length * 2.0 * (1.0 + math.log(1.0 / delta) / 3.0)
+    Its upper(δ) is 2·N·(1 + ln(1/δ)/3), a spread that grows as δ shrinks, as a calibrated bound's does.
+    """
+    return ConstantLengthPredictor(length, spread=2.0, log_divisor=3.0)
 
 
 @dataclass
@@ -214,7 +204,7 @@ def _load(args: argparse.Namespace) -> tuple[TimeBill, str]:
 
         engine = Engine.load(None, threads=args.threads)
         estimator = ExecutionTimeEstimator.for_engine(engine)
-        return TimeBill(engine, estimator, ConstantLengthPredictor(length), arrangement="sequential")
+        return TimeBill(engine, estimator, constant_length_predictor(length), arrangement="sequential")
 
     return load_timebill(loader), f"constant:{length:g} (stand-in: the shipped predictor was not used)"
 

@@ -12,19 +12,17 @@ import math
 import pytest
 
 from timebill.bench.methods import STOP_REFUSED, method_registry
-from timebill.bench.report import (
+from timebill.bench.report import _by_kind_scores, _ratio_text, decode_paths
+from timebill.bench.runner import BenchData, run_key
+from timebill.bench.stats import (
     Column,
     Evaluation,
-    _by_kind_scores,
-    _ratio_text,
     completion_gap,
     decode_costs,
-    decode_paths,
     paired_ratio_interval,
     plan_stats,
     timebill_outcomes_by_kind,
 )
-from timebill.bench.runner import BenchData, run_key
 from timebill.bench.suite import Suite, Task
 
 TASKS = [Task(f"t{i}", "chat", "rouge", "p", ("r",), 8) for i in range(2)]

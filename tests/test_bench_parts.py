@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 from length_predictors import ConstantPredictor
 from timebill.bench.methods import Resources, Scorer
 from timebill.bench.policies import PolicySummary
-from timebill.bench.report import combine, evaluate
 from timebill.bench.runner import BenchError, BenchOptions, load_manifest, run_benchmark, save_manifest
+from timebill.bench.stats import combine, evaluate
 from timebill.bench.suite import Task, parse_part, read_suite, select_part
 from timebill.cli import app
 from timebill.errors import InvalidInputError

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from timebill.errors import PredictorError
+from timebill.predictor.batch_decode import compare_with_engine, generate_lengths
 from timebill.predictor.data import (
     Conversation,
     load_sharegpt,
@@ -14,13 +15,8 @@ from timebill.predictor.data import (
     recovery_stats,
     split_conversations,
 )
-from timebill.predictor.labelling import (
-    LengthLabel,
-    compare_with_engine,
-    generate_lengths,
-    label_lengths,
-    read_label_file,
-)
+from timebill.predictor.labelling import label_lengths
+from timebill.predictor.labels import LengthLabel, read_label_file
 
 
 def _chat(human: str, reply: str, first_role: str = "human") -> dict:
@@ -189,7 +185,7 @@ def test_a_corrupt_line_before_the_last_is_an_error_not_a_silent_drop(tmp_path):
 def test_refilled_slots_widening_and_compaction_keep_every_row_exact(engine, monkeypatch):
     """More prompts than rows, a long joiner arriving after short ones (the cache must widen), rows
     refilled into dead slots, and the tail compacted: each length still equals single-stream decoding."""
-    from timebill.predictor.labelling import ContinuousBatch, iter_continuous
+    from timebill.predictor.batch_decode import ContinuousBatch, iter_continuous
 
     long_prompt = "Summarise: " + " ".join(f"Step {i}: the robot moves part {i} to bin {i % 7}." for i in range(40))
     prompts = [*PROMPTS[:4], long_prompt, "Reply with one word: ok.", "List two fruits."]
@@ -230,7 +226,7 @@ def test_labelling_order_grows_every_split_together():
 
 
 def test_merging_shard_files_adds_only_missing_labels_and_refuses_other_settings(tmp_path):
-    from timebill.predictor.labelling import merge_label_files
+    from timebill.predictor.labels import merge_label_files
 
     header = {"format_version": 1, "model_id": "m", "model_fingerprint": "f", "cap_tokens": 8}
     main, shard, other = tmp_path / "main.jsonl", tmp_path / "shard.jsonl", tmp_path / "other.jsonl"
@@ -259,7 +255,7 @@ def test_prompts_labelled_elsewhere_match_the_cpu_labeller_and_merge_back(engine
     import sys
     from pathlib import Path
 
-    from timebill.predictor.labelling import export_prompts, label_agreement, merge_label_files
+    from timebill.predictor.labels import export_prompts, label_agreement, merge_label_files
 
     prompts, cpu, remote = tmp_path / "prompts.jsonl", tmp_path / "cpu.jsonl", tmp_path / "remote.jsonl"
     conversations = CONVERSATIONS[:3]
@@ -290,7 +286,7 @@ def test_prompts_labelled_elsewhere_match_the_cpu_labeller_and_merge_back(engine
 def test_label_records_round_trip_the_optional_device_field():
     plain, remote = LengthLabel(1, 5, "eos", 20), LengthLabel(2, 8, "max_tokens", 9, device="cuda")
     assert "device" not in plain.to_json()
-    from timebill.predictor.labelling import _parse_record
+    from timebill.predictor.labels import _parse_record
 
     assert _parse_record(plain.to_json()) == plain and _parse_record(remote.to_json()) == remote
     with pytest.raises(ValueError):
@@ -302,7 +298,7 @@ def test_per_row_decode_attention_skips_padding_and_equals_the_masked_call():
     masked batched SDPA (to float rounding), and a mask that is not a suffix falls back to it."""
     import torch
 
-    from timebill.predictor.labelling import _grouped_sdpa, _suffix_starts
+    from timebill.predictor.batch_decode import _grouped_sdpa, _suffix_starts
 
     torch.manual_seed(0)
     batch, kv_heads, groups, dim, width = 4, 3, 3, 16, 40

@@ -1,13 +1,16 @@
-"""The EDF queue's time accounting, driven by hand-made jobs (no FastAPI, no model, no worker thread)."""
+"""The EDF queue's time accounting, driven by hand-made jobs (no FastAPI, no model; one test starts the worker)."""
 
 from __future__ import annotations
 
 import math
+import threading
+import time
 
 import pytest
 
 from timebill.errors import InvalidInputError
 from timebill.serve import EDFQueue, Job
+from timebill.serve.queue import DONE, DROPPED
 
 
 def _queue_with(*jobs: Job) -> EDFQueue:
@@ -49,3 +52,35 @@ def test_a_closed_queue_refuses_new_work() -> None:
     queue.close(timeout_s=0.1)
     with pytest.raises(InvalidInputError, match="shutting down"):
         queue.push(Job(arrival=0.0, deadline=1.0, expected_s=0.1, min_need_s=0.1))
+
+
+def test_close_drops_and_cancels_every_waiting_job() -> None:
+    waiting = [Job(arrival=0.0, deadline=d, expected_s=1.0, min_need_s=1.0) for d in (5.0, 6.0)]
+    queue = _queue_with(*waiting)
+    queue.close(timeout_s=0.1)
+    assert queue.depth == 0 and queue.total_backlog_s(now=0.0) == 0.0
+    assert all(job.state == DROPPED and job.cancel.is_set() for job in waiting)
+
+
+def test_the_worker_outlives_a_request_that_raises() -> None:
+    ran: list[str] = []
+    finished = threading.Event()
+
+    def runner(job: Job) -> None:
+        if job.payload == "boom":
+            raise RuntimeError("a bug in one request")
+        ran.append(job.payload)
+        finished.set()
+
+    queue = EDFQueue(runner)
+    queue.start()
+    try:
+        now = time.perf_counter()
+        boom = Job(arrival=now, deadline=now + 1.0, expected_s=0.1, min_need_s=0.1, payload="boom")
+        fine = Job(arrival=now, deadline=now + 2.0, expected_s=0.1, min_need_s=0.1, payload="fine")
+        queue.push(boom)
+        queue.push(fine)
+        assert finished.wait(5.0), "the worker stopped after the failing request"
+        assert ran == ["fine"] and boom.state == DONE and queue.alive
+    finally:
+        queue.close()

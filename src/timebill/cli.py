@@ -23,6 +23,14 @@ def _root() -> None:
     """TimeBill: time-budgeted LLM inference."""
 
 
+# Options several commands share, declared once.
+ThreadsOption = Annotated[int | None, typer.Option(help="torch intra-op threads (default: all cores).")]
+TargetModelOption = Annotated[str | None, typer.Option(help="Target model (default: SmolLM2-135M).")]
+LabelsOption = Annotated[str | None, typer.Option(help="Label file (default: the packaged one).")]
+CpuLockOption = Annotated[
+    str | None, typer.Option("--cpu-lock", help="flock this file per chunk of work (shared machines).")
+]
+
 EXIT_BAD_INPUT = 2
 EXIT_INFEASIBLE = 3
 
@@ -77,7 +85,7 @@ def generate(
     model: Annotated[
         str | None, typer.Option(help="HF model dir, .gguf file or hub id (default: SmolLM2-135M).")
     ] = None,
-    threads: Annotated[int | None, typer.Option(help="torch intra-op threads (default: all cores).")] = None,
+    threads: ThreadsOption = None,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
@@ -177,7 +185,7 @@ def serve(
     model: Annotated[
         str | None, typer.Option(help="HF model dir, .gguf file or hub id (default: SmolLM2-135M).")
     ] = None,
-    threads: Annotated[int | None, typer.Option(help="torch intra-op threads (default: all cores).")] = None,
+    threads: ThreadsOption = None,
     weights: Annotated[str, typer.Option(help="Decode weights: fp32 (exact), int8, or int4 (fastest).")] = "fp32",
     profile: Annotated[str | None, typer.Option(help="Estimator profile file (default: this setup's).")] = None,
     predictor: Annotated[str | None, typer.Option(help="Length predictor file (default: shipped).")] = None,
@@ -193,7 +201,7 @@ def serve(
         if not 0 < port < 65536:
             raise InvalidInputError(f"--port must be in 1..65535, got {port}")
         parse_budget(default_budget)
-        from timebill.server import create_app, load_timebill
+        from timebill.serve import create_app, load_timebill
 
         tb = load_timebill(model=model, threads=threads, weights=weights, profile=profile, predictor=predictor)
     except TimeBillError as exc:
@@ -218,14 +226,12 @@ def rlp_label(
     out: Annotated[
         str | None, typer.Option(help="Label file (JSONL, resumed if present; default: the packaged one).")
     ] = None,
-    model: Annotated[str | None, typer.Option(help="Target model (default: SmolLM2-135M).")] = None,
-    threads: Annotated[int | None, typer.Option(help="torch intra-op threads (default: all cores).")] = None,
+    model: TargetModelOption = None,
+    threads: ThreadsOption = None,
     max_prompt_tokens: Annotated[
         int, typer.Option("--max-prompt-tokens", help="Drop longer prompts (chat template included).")
     ] = 2048,
-    cpu_lock: Annotated[
-        str | None, typer.Option("--cpu-lock", help="flock this file per chunk of work (shared machines).")
-    ] = None,
+    cpu_lock: CpuLockOption = None,
     shard: Annotated[
         str | None,
         typer.Option(
@@ -239,7 +245,8 @@ def rlp_label(
 ) -> None:
     """Label ShareGPT prompts with the target model's own greedy response lengths (resumable)."""
     from timebill.predictor.data import labelling_groups, load_sharegpt, split_conversations
-    from timebill.predictor.labelling import DEFAULT_LABELS_FILE, label_lengths, read_label_file
+    from timebill.predictor.labelling import label_lengths
+    from timebill.predictor.labels import DEFAULT_LABELS_FILE, read_label_file
 
     try:
         if out is None and model is not None:
@@ -278,7 +285,7 @@ def rlp_export(
     out: Annotated[str, typer.Option(help="Where to write the tokenized prompts (JSONL).")],
     n: Annotated[int, typer.Option(help="Prompts in labelling order (test/cal/train rounds, then pool).")] = 5000,
     cap: Annotated[int, typer.Option(help="Most new tokens per response (N_cap).")] = 1024,
-    model: Annotated[str | None, typer.Option(help="Target model (default: SmolLM2-135M).")] = None,
+    model: TargetModelOption = None,
     max_prompt_tokens: Annotated[
         int, typer.Option("--max-prompt-tokens", help="Drop longer prompts (chat template included).")
     ] = 2048,
@@ -288,7 +295,7 @@ def rlp_export(
 ) -> None:
     """Export tokenized prompts to label on a GPU machine (scripts/label_on_accelerator.py), then `rlp merge`."""
     from timebill.predictor.data import labelling_groups, load_sharegpt, split_conversations
-    from timebill.predictor.labelling import export_prompts, read_label_file
+    from timebill.predictor.labels import export_prompts, read_label_file
 
     try:
         from timebill.engine import Engine
@@ -310,7 +317,7 @@ def rlp_merge(
     into: Annotated[str | None, typer.Option(help="Label file to extend (default: the packaged one).")] = None,
 ) -> None:
     """Merge label files of the same labelling (parallel shards) into one, atomically."""
-    from timebill.predictor.labelling import DEFAULT_LABELS_FILE, label_agreement, merge_label_files, read_label_file
+    from timebill.predictor.labels import DEFAULT_LABELS_FILE, label_agreement, merge_label_files, read_label_file
 
     target = into or DEFAULT_LABELS_FILE
     try:
@@ -336,13 +343,11 @@ def rlp_train(
     n_prompt_tokens: Annotated[
         int, typer.Option("--n-prompt-tokens", help="RLP input: first+last N_p prompt tokens.")
     ] = 512,
-    labels: Annotated[str | None, typer.Option(help="Label file (default: the packaged one).")] = None,
+    labels: LabelsOption = None,
     out: Annotated[str | None, typer.Option(help="Predictor file (default: the packaged one for the kind).")] = None,
-    model: Annotated[str | None, typer.Option(help="Target model (default: SmolLM2-135M).")] = None,
-    threads: Annotated[int | None, typer.Option(help="torch intra-op threads (default: all cores).")] = None,
-    cpu_lock: Annotated[
-        str | None, typer.Option("--cpu-lock", help="flock this file per chunk of work (shared machines).")
-    ] = None,
+    model: TargetModelOption = None,
+    threads: ThreadsOption = None,
+    cpu_lock: CpuLockOption = None,
 ) -> None:
     """Train length predictors on the labelled train split, calibrate upper(δ), save, score on test."""
     from pathlib import Path
@@ -403,12 +408,10 @@ def rlp_eval(
         typer.Option("--table1/--no-table1", help="Also train the Table-1 variants and baselines now."),
     ] = True,
     plot: Annotated[str, typer.Option(help="PNG of predicted vs true lengths.")] = "rlp_eval.png",
-    labels: Annotated[str | None, typer.Option(help="Label file (default: the packaged one).")] = None,
-    model: Annotated[str | None, typer.Option(help="Target model (default: SmolLM2-135M).")] = None,
-    threads: Annotated[int | None, typer.Option(help="torch intra-op threads (default: all cores).")] = None,
-    cpu_lock: Annotated[
-        str | None, typer.Option("--cpu-lock", help="flock this file per chunk of work (shared machines).")
-    ] = None,
+    labels: LabelsOption = None,
+    model: TargetModelOption = None,
+    threads: ThreadsOption = None,
+    cpu_lock: CpuLockOption = None,
 ) -> None:
     """Score predictors on the test split: Table-1 metrics (MAE, RMSE, R²), upper(δ) coverage, PNG."""
     from pathlib import Path
@@ -441,7 +444,7 @@ def profile(
     model: Annotated[
         str | None, typer.Option(help="HF model dir, .gguf file or hub id (default: SmolLM2-135M).")
     ] = None,
-    threads: Annotated[int | None, typer.Option(help="torch intra-op threads (default: all cores).")] = None,
+    threads: ThreadsOption = None,
     press: Annotated[str, typer.Option(help="Eviction press to profile: snapkv | streaming | knorm.")] = "snapkv",
     device: Annotated[str | None, typer.Option(help="torch device, e.g. cuda:0 (default: cpu).")] = None,
     weights: Annotated[str, typer.Option(help="Decode weights on the fast CPU path: fp32 | int8 | int4.")] = "fp32",
@@ -538,7 +541,7 @@ def bench(
     model: Annotated[
         str | None, typer.Option(help="HF model dir, .gguf file or hub id (default: SmolLM2-135M).")
     ] = None,
-    threads: Annotated[int | None, typer.Option(help="torch intra-op threads (default: all cores).")] = None,
+    threads: ThreadsOption = None,
     cpu_lock: Annotated[
         str | None, typer.Option("--cpu-lock", help="flock this file around each run (shared machines).")
     ] = None,
@@ -643,8 +646,9 @@ def bench_combine(
     import torch
 
     from timebill.bench.methods import Resources, Scorer
-    from timebill.bench.report import combine, summary_lines, write_combined_report
+    from timebill.bench.report import summary_lines, write_combined_report
     from timebill.bench.runner import BenchError, load_manifest, load_part, runs_predictor
+    from timebill.bench.stats import combine
     from timebill.engine import Engine
 
     try:

@@ -35,6 +35,7 @@ from timebill.bench.metrics import score as metric_score
 from timebill.bench.policies import JobOutcome
 from timebill.bench.suite import Task
 from timebill.errors import InfeasibleBudgetError, InvalidInputError
+from timebill.predictor.constant import ConstantLengthPredictor
 
 DEFAULT_K = 5
 FIXED_ALPHAS = (0.25, 0.5, 0.75, 0.95)
@@ -44,33 +45,16 @@ STOP_REFUSED = "refused"  # TimeBill refused the request before any work (prefil
 
 
 # ---------------------------------------------------------------------------------- length predictor
-@dataclass(frozen=True)
-class ConstantPrediction:
-    """N̂ = ``point`` for every prompt; with no calibration data, upper(δ) is ``worst_factor``·N̂."""
-
-    point: float
-    worst_factor: float = float(DEFAULT_K)
-
-    def upper(self, delta: float) -> float:
-        return self.point * self.worst_factor
-
-
-class ConstantLengthPredictor:
-    """A stand-in length predictor (``--predictor constant:N``) so the pipeline runs before the RLP is trained.
+def constant_length_predictor(length: int) -> ConstantLengthPredictor:
+    """The stand-in length predictor of ``--predictor constant:N``, so the pipeline runs before the RLP is trained.
 
     Reports label it loudly: TimeBill numbers measured with it say nothing about the paper's predictor.
-    Its "calibrated" bound is k = 5 times N, so ``timebill-conformal`` equals ``timebill`` under it.
+    With no calibration data its "calibrated" bound upper(δ) is k = 5 times N, so ``timebill-conformal``
+    equals ``timebill`` under it.
     """
-
-    uses_prefill_hidden = False
-
-    def __init__(self, length: int) -> None:
-        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-            raise InvalidInputError(f"a constant length prediction must be an integer >= 1, got {length!r}")
-        self.length = length
-
-    def predict(self, prompt: str) -> ConstantPrediction:
-        return ConstantPrediction(float(self.length))
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise InvalidInputError(f"a constant length prediction must be an integer >= 1, got {length!r}")
+    return ConstantLengthPredictor(float(length), spread=float(DEFAULT_K))
 
 
 def parse_constant_spec(spec: str) -> int | None:
@@ -100,10 +84,10 @@ def predictor_label(spec: str | None) -> str:
 
 
 def load_length_predictor(spec: str | None, engine: Any) -> Any:
-    """``constant:N`` → :class:`ConstantLengthPredictor`; else a predictor file or the shipped one."""
+    """``constant:N`` → :func:`constant_length_predictor`; else a predictor file or the shipped one."""
     length = parse_constant_spec(spec) if spec else None
     if length is not None:
-        return ConstantLengthPredictor(length)
+        return constant_length_predictor(length)
     from timebill.predictor import load_default_predictor
 
     return load_default_predictor(engine, spec)

@@ -22,22 +22,22 @@ the suite with budgets from its own vanilla times), merged by ``timebill bench-c
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from timebill.bench.methods import K_SWEEP, Method, Resources, k_sweep_method, method_registry
 from timebill.bench.suite import Suite, Task, parse_part, read_suite, select_fraction, select_part
+from timebill.cpulock import holding
 from timebill.errors import InvalidInputError, TimeBillError
 from timebill.paths import fsync_dir, write_bytes_atomically
+from timebill.progress import progress_bar
 
 MANIFEST_VERSION = 1
 BUDGET_QUANTILES = (0.2, 0.35, 0.5, 0.65, 0.8, 0.95)
@@ -250,20 +250,6 @@ def choose_budgets(vanilla_e2e_s: Sequence[float], n: int = len(BUDGET_QUANTILES
 
 
 # ----------------------------------------------------------------------------------------- the loop
-@contextlib.contextmanager
-def cpu_lock(path: str | None) -> Iterator[None]:
-    """Hold an exclusive flock on ``path`` around one run, so timed runs never overlap another job's."""
-    if path is None:
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 class _Progress:
     """A tqdm bar over the runs still to do (ETA included), or nothing when disabled.
 
@@ -275,9 +261,7 @@ class _Progress:
     def __init__(self, enabled: bool, total: int) -> None:
         self.bar = None
         if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="run", desc="bench", file=sys.stderr, dynamic_ncols=True, smoothing=0.0)
+            self.bar = progress_bar(total, "run", "bench", dynamic_ncols=True, smoothing=0.0)
 
     def write(self, message: str, log: Callable[[str], None]) -> None:
         """A message above the bar (printing past a live bar would splice the two on one line)."""
@@ -397,7 +381,8 @@ def run_benchmark(
             save_manifest(out, manifest)
         for method, task, budget in items:
             key = run_key(method.name, task.id, budget)
-            with cpu_lock(options.cpu_lock):
+            # The lock is held around each run, so timed runs never overlap another job's.
+            with holding(options.cpu_lock, pause_s=0.0):
                 record = method.run(resources, task, budget)
             record.update(
                 key=key,

@@ -10,6 +10,7 @@ import numpy as np
 
 from timebill.estimator.fit import PAPER_KINDS, Fit, fit_from_dict
 from timebill.estimator.store import Profile
+from timebill.figures import save_figure
 
 
 def _fmt_fit(fit: Fit) -> str:
@@ -145,8 +146,4 @@ def plot_profile(profile: Profile, path: str | Path) -> Path:
         res.grid(alpha=0.3)
     fig.suptitle(f"TimeBill ETE profile — {profile.key.describe()}", fontsize=9)
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)

@@ -5,8 +5,9 @@
 | RLP (buckets / regression) | ``rlp`` | frozen decoder LM, head+tail truncated prompt | TimeBill |
 | probe | ``probe`` | the target's own last prompt-token state from its prefill | ours |
 | ProxyModel-, S³-style | ``baselines`` | MiniLM-L6 sentence embedding | Qiu 2024; Jin 2023 |
+| constant (stand-in) | ``constant`` | nothing: the same N̂ for every prompt | — |
 
-All return a :class:`~timebill.predictor.base.LengthPrediction` (``point``, ``probs``, ``upper(δ)``).
+The trained ones return a :class:`~timebill.predictor.base.LengthPrediction` (``point``, ``probs``, ``upper(δ)``).
 Heavy modules (torch, transformers) are imported only when a predictor is loaded.
 """
 
@@ -14,6 +15,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from timebill.predictor.constant import ConstantLengthPredictor, ConstantPrediction
+
+__all__ = [
+    "DATA_DIR",
+    "DEFAULT_PREDICTOR_FILE",
+    "DEFAULT_PROBE_FILE",
+    "DEFAULT_RLP_FILE",
+    "ConstantLengthPredictor",
+    "ConstantPrediction",
+    "load_default_predictor",
+    "load_predictor",
+]
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 DEFAULT_RLP_FILE = DATA_DIR / "predictor-smollm2-135m.pt"

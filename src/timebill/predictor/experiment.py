@@ -21,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from timebill.cpulock import holding
 from timebill.errors import PredictorError
+from timebill.figures import save_figure
 from timebill.predictor.base import LengthPrediction
 from timebill.predictor.baselines import BASELINES, EncoderBaselinePredictor, QuantileClasses
 from timebill.predictor.buckets import DEFAULT_BUCKET_WIDTH, BucketSpec
@@ -39,7 +41,6 @@ from timebill.predictor.features import (
     encoder_store,
     extract_encoder_features,
     extract_target_features,
-    holding,
     rows_for,
     target_store,
 )
@@ -76,7 +77,7 @@ class LabelledData:
         engine: object | None = None,
         max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
     ) -> LabelledData:
-        from timebill.predictor.labelling import DEFAULT_LABELS_FILE, read_label_file
+        from timebill.predictor.labels import DEFAULT_LABELS_FILE, read_label_file
 
         path = Path(labels_path) if labels_path is not None else DEFAULT_LABELS_FILE
         header, records = read_label_file(path)
@@ -455,11 +456,7 @@ def plot_predictions(rows: Sequence[tuple[str, str, Evaluation]], path: str | os
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------- CLI workflows

@@ -16,17 +16,15 @@ skips the prompts already cached. Two families:
   prompt (no chat template: BERT-class baselines read the user text), head-truncated to 512 tokens as
   BERT must be.
 
-CPU work holds ``cpu_lock`` (an exclusive ``flock``) per chunk only, so other jobs on a shared machine
+CPU work holds the CPU lock (:mod:`timebill.cpulock`) per chunk only, so other jobs on a shared machine
 get turns between chunks.
 """
 
 from __future__ import annotations
 
-import fcntl
 import io
 import logging
 import os
-import sys
 import time
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -37,8 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from timebill.cpulock import cpu_lock
 from timebill.errors import PredictorError
 from timebill.paths import cache_dir, write_bytes_atomically
+from timebill.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -357,39 +357,6 @@ def encoder_store(root: Path | None = None) -> FeatureStore:
     return FeatureStore(base / f"minilm-l6-v2-{ENCODER_MAX_TOKENS}")
 
 
-# -------------------------------------------------------------------------------------- the lock
-@contextmanager
-def cpu_lock(path: str | os.PathLike[str] | None) -> Iterator[Callable[[], object]]:
-    """Yields ``hold()``, a context manager holding an exclusive flock on ``path`` (None: no lock)."""
-    if path is None:
-
-        @contextmanager
-        def free() -> Iterator[None]:
-            yield
-
-        yield free
-        return
-    with open(path, "a") as lock_file:
-
-        @contextmanager
-        def hold() -> Iterator[None]:
-            fcntl.flock(lock_file, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock_file, fcntl.LOCK_UN)
-                time.sleep(0.05)  # let a waiting process in before we take it again
-
-        yield hold
-
-
-@contextmanager
-def holding(path: str | os.PathLike[str] | None) -> Iterator[None]:
-    """Hold the CPU lock at ``path`` for one block of work (None: no lock)."""
-    with cpu_lock(path) as hold, hold():
-        yield
-
-
 # ------------------------------------------------------------------------------------ extraction
 def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
     for start in range(0, len(items), size):
@@ -411,8 +378,6 @@ def extract_target_features(
     Arrays per chunk: ``index``, ``prompt_tokens`` (full chat-templated length), ``full`` and
     ``trunc`` (each ``(n, len(TARGET_BLOCKS), hidden)``).
     """
-    from tqdm import tqdm
-
     store = store or target_store(engine.source.model_id, engine.source.fingerprint, n_prompt_tokens)
     done = store.done()
     todo = [(i, engine.encode(p)) for i, p in prompts if i not in done]
@@ -422,7 +387,7 @@ def extract_target_features(
     pad_id = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
     with (
         cpu_lock(cpu_lock_path) as hold,
-        tqdm(total=len(todo), unit="prompt", desc="target features", disable=not progress, file=sys.stderr) as bar,
+        progress_bar(len(todo), "prompt", "target features", progress) as bar,
     ):
         for part in _chunks(todo, chunk):
             with hold():
@@ -450,8 +415,6 @@ def extract_encoder_features(
     progress: bool = True,
 ) -> FeatureStore:
     """Cache MiniLM embeddings (array ``emb``) of ``(index, prompt)`` pairs not cached yet."""
-    from tqdm import tqdm
-
     store = store or encoder_store()
     done = store.done()
     todo = [(i, p) for i, p in prompts if i not in done]
@@ -462,7 +425,7 @@ def extract_encoder_features(
     todo.sort(key=lambda item: len(item[1]))
     with (
         cpu_lock(cpu_lock_path) as hold,
-        tqdm(total=len(todo), unit="prompt", desc="encoder features", disable=not progress, file=sys.stderr) as bar,
+        progress_bar(len(todo), "prompt", "encoder features", progress) as bar,
     ):
         for part in _chunks(todo, chunk):
             with hold():

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from timebill.errors import InfeasibleBudgetError, InvalidInputError
 from timebill.facade import LengthPredictionLike, Prompt, RequestPlan, TimeBill, parse_budget
+from timebill.predictor.constant import ConstantPrediction
 from timebill.serve.protocol import DEFAULT_MAX_TOKENS, BudgetedRequest, RejectedError, RequestSpec
 from timebill.serve.queue import EDFQueue, Job
 
@@ -26,16 +27,6 @@ class JobPayload:
     prediction: LengthPredictionLike
     admission_plan: RequestPlan
     events: asyncio.Queue
-
-
-@dataclass(frozen=True)
-class _LongestAnswer:
-    """A length 'prediction' that the answer runs to max_tokens: a plan with it needs no predictor and errs long."""
-
-    point: float
-
-    def upper(self, delta: float) -> float:
-        return self.point
 
 
 class Admission:
@@ -105,7 +96,7 @@ class Admission:
             prediction = tb.predict_length(spec.prompt, chat=spec.chat, time_budget=deadline - now - backlog)
         except InfeasibleBudgetError as exc:
             # No prediction was made, so the hint plans for the longest answer: a budget that surely fits.
-            longest = _LongestAnswer(float(opts.max_new_tokens))
+            longest = ConstantPrediction(float(opts.max_new_tokens))  # upper(δ) = the point: "runs to max_tokens"
             enough = tb.least_time(spec.prompt, opts, prediction=longest, chat=spec.chat)
             ahead = f" after {backlog:.3f} s of queued work ahead of it" if backlog > 0 else ""
             earliest = (now - arrival) + backlog + enough.seconds
