@@ -3,7 +3,7 @@
 On arrival the length predictor runs (not at all when the prefill alone cannot fit) and the request is planned
 against what will be left of its budget when its turn comes: ``budget - elapsed - backlog``. If even α_max
 cannot fit, or it would push an already-admitted request past its latest start, the answer is 429 at once,
-with the earliest feasible budget: promises already made come first. Every call into the facade is here.
+with the earliest feasible budget: promises already made come first. (The worker's ``generate`` is in ``service``.)
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Counters and histograms behind ``GET /metrics``, written as Prometheus text.
 
-Hand-written rather than ``prometheus_client``: ten counters, two gauges and one histogram, the exact
-exposition text clients already scrape, and no process-global registry to share between test apps.
+Hand-written rather than ``prometheus_client``: ten counters, two gauges and one histogram in the exact text
+scrapers and ``benchmarks/serve_load.py`` already read (the client would add ``*_created`` series, print
+``1.0`` for ``1`` and omit labelled counters until their first increment), and no extra dependency.
 """
 
 from __future__ import annotations

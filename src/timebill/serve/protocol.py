@@ -14,11 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from timebill.engine import STOP_CANCELLED, STOP_DEADLINE, STOP_EOS
 from timebill.errors import TimeBillError
 from timebill.facade import Prompt
-from timebill.options import RequestOptions
+from timebill.options import DEFAULT_MAX_NEW_TOKENS, RequestOptions
 
 DEFAULT_BUDGET_S = 10.0  # when a request names none: an ordinary client still gets a deadline-aware answer
 MAX_BUDGET_S = 3600.0  # a larger budget is a mistake (ms given as s), not a deadline
-DEFAULT_MAX_TOKENS = 256
+DEFAULT_MAX_TOKENS = DEFAULT_MAX_NEW_TOKENS  # OpenAI's name for the same default
 
 # How a stop reason reads to an OpenAI client: the guard's stop is a cut-off answer, like max_tokens.
 FINISH_REASONS = {STOP_EOS: "stop", "max_tokens": "length", STOP_DEADLINE: "length", STOP_CANCELLED: "stop"}
