@@ -46,6 +46,15 @@ def _read_prompt(prompt: str) -> str:
     return prompt
 
 
+def _echo_result(text: str, summary: str, record: dict[str, Any], as_json: bool) -> None:
+    """An answer as one JSON object, or as its text followed by a one-line summary."""
+    if as_json:
+        typer.echo(json.dumps(record))
+    else:
+        typer.echo(text)
+        typer.echo(summary)
+
+
 def _generate_budgeted(
     prompt: str, budget: str, options: RequestOptions, *, dry_run: bool, chat: bool, as_json: bool, **load: Any
 ) -> None:
@@ -66,11 +75,7 @@ def _generate_budgeted(
     except TimeBillError as exc:
         _fail(exc)
         return
-    if as_json:
-        typer.echo(json.dumps(result.to_record()))
-    else:
-        typer.echo(result.text)
-        typer.echo(result.summary_line())
+    _echo_result(result.text, result.summary_line(), result.to_record(), as_json)
 
 
 @app.command()
@@ -171,11 +176,7 @@ def generate(
     except TimeBillError as exc:
         _fail(exc)
         return
-    if as_json:
-        typer.echo(json.dumps(result.to_dict()))
-    else:
-        typer.echo(result.text)
-        typer.echo(result.summary_line(), err=False)
+    _echo_result(result.text, result.summary_line(), result.to_dict(), as_json)
 
 
 @app.command()

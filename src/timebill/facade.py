@@ -11,6 +11,7 @@ import re
 import statistics
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -583,14 +584,15 @@ class TimeBill:
     ) -> Callable[[int, float, PrefillState], None]:
         """The between-tokens hook: measure the pace, ask the planner, apply its eviction (if any)."""
         every = max(1, self.replan_every)
-        last_now: list[float] = []
-        measured: list[tuple[int, float]] = []  # (kv tokens during the step, seconds)
+        last_now: list[float] = []  # the previous step's end (empty before the first)
+        measured: deque[tuple[int, float]] = deque(maxlen=8)  # recent (kv tokens during the step, seconds)
         estimator = self.estimator
+        coef = estimator.coefficients()  # fixed for the request: recalibration only moves after it ends
 
         def hook(i: int, now: float, st: PrefillState) -> None:
             if last_now:
-                measured.append((st.kv_len - 1, now - last_now[-1]))
-            last_now.append(now)
+                measured.append((st.kv_len - 1, now - last_now[0]))
+            last_now[:] = [now]
             if step_hook is not None:
                 step_hook(i)
                 now = time.perf_counter()  # the hook's time counts against the budget
@@ -598,11 +600,11 @@ class TimeBill:
             if i % every or len(measured) < 2 or remaining_tokens <= 0:
                 return
             # Pace factor: measured recent steps vs the estimator's prediction for them.
-            pace = statistics.median(sec / max(estimator.step_s(kv), 1e-9) for kv, sec in measured[-8:])
+            pace = statistics.median(sec / max(estimator.step_s(kv), 1e-9) for kv, sec in measured)
             remaining_s = st.t_start + budget_s - now
             needed_s = pace * estimator.decode_phase_s(st.kv_len, remaining_tokens + 1)
             extra = planner.replan_alpha(
-                estimator.coefficients(),
+                coef,
                 pace=pace,
                 remaining_s=remaining_s,
                 needed_s=needed_s,
