@@ -7,6 +7,7 @@ Three phases (:meth:`Engine.prefill` → :class:`PrefillState`, :meth:`Engine.ev
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -22,7 +23,15 @@ from transformers import DynamicCache
 from timebill.errors import InvalidInputError, PromptTooLongError
 from timebill.fastpath import WEIGHT_MODES, FastDecoder, FastPathUnsupported, StaticKVCache
 from timebill.loading import ModelSource, load_model_and_tokenizer, resolve_model
-from timebill.options import SamplingConfig, check_alpha, check_max_new_tokens, check_press
+from timebill.options import (
+    DEFAULT_COMPRESSOR,
+    SamplingConfig,
+    check_alpha,
+    check_compressor,
+    check_max_new_tokens,
+    check_press,
+    check_prompt_compression,
+)
 from timebill.presses import (
     capture_scores,
     evict,
@@ -68,6 +77,11 @@ class GenerationResult:
     threads: int
     model_id: str
     decode_path: str = "hf"  # fast-fp32 | fast-int8 | hf
+    # Prompt compression before prefill (prompt_tokens above is what was prefilled: the kept tokens).
+    original_prompt_tokens: int | None = None  # before compression (None: not compressed)
+    prompt_compression: float = 0.0  # ρ reached (fraction of prompt tokens removed)
+    compressor: str | None = None
+    compress_s: float = 0.0  # the compressor's time, before prefill (inside total_s and token_times_s)
 
     @property
     def tokens_generated(self) -> int:
@@ -79,7 +93,13 @@ class GenerationResult:
         return d
 
     def summary_line(self) -> str:
-        return (
+        compressed = ""
+        if self.original_prompt_tokens is not None:
+            compressed = (
+                f"original_prompt_tokens={self.original_prompt_tokens} rho={self.prompt_compression:.3f} "
+                f"compressor={self.compressor} compress={self.compress_s * 1e3:.1f}ms "
+            )
+        return compressed + (
             f"prompt_tokens={self.prompt_tokens} kept_kv={self.kept_kv_tokens} alpha={self.alpha:g} "
             f"press={self.press} prefill={self.prefill_s * 1e3:.1f}ms decode={self.decode_s * 1e3:.1f}ms "
             f"tokens={self.tokens_generated} stop={self.stop_reason} threads={self.threads} "
@@ -151,7 +171,13 @@ def validate_deadline(deadline_s: float | None) -> float | None:
 
 
 def validate_request(
-    prompt: str | list[int], alpha: float, max_new_tokens: int, deadline_s: float | None, press: str
+    prompt: str | list[int],
+    alpha: float,
+    max_new_tokens: int,
+    deadline_s: float | None,
+    press: str,
+    prompt_compression: float = 0.0,
+    compressor: str = DEFAULT_COMPRESSOR,
 ) -> None:
     """Check a request's arguments before any work (the CLI calls this before loading a model)."""
     if isinstance(prompt, str) and not prompt.strip() or not prompt:
@@ -160,6 +186,35 @@ def validate_request(
     validate_deadline(deadline_s)
     check_max_new_tokens(max_new_tokens)
     check_press(press)
+    if check_prompt_compression(prompt_compression) > 0 and not isinstance(prompt, str):
+        raise InvalidInputError("prompt compression needs the prompt's text, not token ids")
+    check_compressor(compressor)
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    """A prompt as the model reads it: the text, how to tokenise it, and the turns it was made from."""
+
+    text: str
+    add_special_tokens: bool  # False for chat-template text (the template wrote the special tokens)
+    turns: tuple[Mapping[str, str], ...]  # {role, content}, roles normalised (developer → system)
+
+
+def _check_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+        raise InvalidInputError("messages must be a non-empty list of {role, content} objects.")
+    turns: list[dict[str, str]] = []
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, Mapping) else None
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if role not in CHAT_ROLES:
+            raise InvalidInputError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
+        if not isinstance(content, str):
+            raise InvalidInputError(f"messages[{i}].content must be a string, got {type(content).__name__}")
+        turns.append({"role": "system" if role == "developer" else role, "content": content})
+    if not any(t["content"].strip() for t in turns):
+        raise InvalidInputError("The messages are empty; give some text to answer.")
+    return turns
 
 
 class Engine:
@@ -189,6 +244,7 @@ class Engine:
         if weights != "fp32" and not fast:
             raise InvalidInputError("quantised weights need the fast decode path (fast=True)")
         self.weights = weights
+        self._compressors: dict[str, Any] = {}  # built on first use (an encoder load is not a request's cost)
         self.fast: FastDecoder | None = None
         self.fast_fallback_reason: str | None = None
         if fast:
@@ -265,17 +321,7 @@ class Engine:
     # ------------------------------------------------------------------ tokenising
     def encode(self, prompt: str, chat: bool = True) -> list[int]:
         """Token ids for ``prompt``; with ``chat`` the model's chat template wraps it as a user turn."""
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InvalidInputError("The prompt is empty; give some text to answer.")
-        if chat and getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-            )
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
-        else:
-            ids = self.tokenizer.encode(prompt)
-        self.check_fits(len(ids))
-        return list(ids)
+        return self.tokenize(self.render(prompt, chat=chat))
 
     def encode_messages(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
         """Token ids for a chat (``[{"role": "user", "content": "..."}, ...]``) through the chat template.
@@ -284,26 +330,32 @@ class Engine:
         length predictors trained on single prompts see the same thing. Models without a chat template get
         the contents joined by blank lines.
         """
-        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
-            raise InvalidInputError("messages must be a non-empty list of {role, content} objects.")
-        turns: list[dict[str, str]] = []
-        for i, message in enumerate(messages):
-            role = message.get("role") if isinstance(message, Mapping) else None
-            content = message.get("content") if isinstance(message, Mapping) else None
-            if role not in CHAT_ROLES:
-                raise InvalidInputError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
-            if not isinstance(content, str):
-                raise InvalidInputError(f"messages[{i}].content must be a string, got {type(content).__name__}")
-            turns.append({"role": "system" if role == "developer" else role, "content": content})
-        if not any(t["content"].strip() for t in turns):
-            raise InvalidInputError("The messages are empty; give some text to answer.")
-        if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenize(self.render(messages))
+
+    def render(self, prompt: str | Sequence[Mapping[str, Any]], chat: bool = True) -> RenderedPrompt:
+        """The text the model reads for a prompt or a chat, before tokenising (validated, not length-checked).
+
+        Prompt compression reads it too: it needs the text and which parts of it are the turns' contents.
+        """
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise InvalidInputError("The prompt is empty; give some text to answer.")
+            turns = [{"role": "user", "content": prompt}]
+            if not (chat and getattr(self.tokenizer, "chat_template", None)):
+                return RenderedPrompt(prompt, True, tuple(turns))
         else:
-            ids = self.tokenizer.encode("\n\n".join(t["content"] for t in turns))
-        self.check_fits(len(ids))
-        return list(ids)
+            turns = _check_messages(prompt)
+            if not getattr(self.tokenizer, "chat_template", None):
+                return RenderedPrompt("\n\n".join(t["content"] for t in turns), True, tuple(turns))
+        text = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        return RenderedPrompt(text, False, tuple(turns))
+
+    def tokenize(self, rendered: RenderedPrompt, check: bool = True) -> list[int]:
+        """The ids of a rendered prompt (``check``: refuse one that does not fit the context)."""
+        ids = list(self.tokenizer.encode(rendered.text, add_special_tokens=rendered.add_special_tokens))
+        if check:
+            self.check_fits(len(ids))
+        return ids
 
     def check_fits(self, n_prompt: int) -> None:
         if n_prompt >= self.context_length:
@@ -533,15 +585,68 @@ class Engine:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
+        prompt_compression: float = 0.0,
+        compressor: str = DEFAULT_COMPRESSOR,
+        question: str | None = None,
     ) -> GenerationResult:
-        """Answer ``prompt`` with a fixed eviction ratio ``alpha`` and an optional hard deadline."""
+        """Answer ``prompt`` with a fixed eviction ratio ``alpha`` and an optional hard deadline.
+
+        ``prompt_compression`` (ρ) removes that fraction of the prompt's tokens with ``compressor`` before
+        prefill (``question``: the part of the prompt that is the request, kept and scored against; default
+        its last line). Its time counts from the request's start like everything else.
+        """
         t_start = time.perf_counter()
-        validate_request(prompt, alpha, max_new_tokens, deadline_s, press)
+        validate_request(prompt, alpha, max_new_tokens, deadline_s, press, prompt_compression, compressor)
         sampling = SamplingConfig(temperature, top_p, seed)
-        ids = self.encode(prompt, chat=chat) if isinstance(prompt, str) else list(prompt)
+        compressed = None
+        if prompt_compression > 0:
+            compressed = self.compress(prompt, prompt_compression, compressor, chat=chat, question=question)
+            ids = list(compressed.ids)
+        else:
+            ids = self.encode(prompt, chat=chat) if isinstance(prompt, str) else list(prompt)
         state = self.prefill(ids, press=press, capture=alpha > 0, t_start=t_start)
         self.evict(state, alpha)
-        return self.make_result(state, self.decode(state, max_new_tokens, deadline_s, sampling), deadline_s)
+        result = self.make_result(state, self.decode(state, max_new_tokens, deadline_s, sampling), deadline_s)
+        return with_compression(result, compressed)
+
+    def compressor(self, name: str) -> Any:
+        """The prompt compressor called ``name`` for this engine, built and warmed up once."""
+        check_compressor(name)
+        if name not in self._compressors:
+            from timebill.compression import make_compressor
+
+            built = make_compressor(name, self.model)
+            built.warmup()
+            self._compressors[name] = built
+        return self._compressors[name]
+
+    def compress(
+        self,
+        prompt: str | Sequence[Mapping[str, Any]],
+        rho: float,
+        compressor: str = DEFAULT_COMPRESSOR,
+        *,
+        chat: bool = True,
+        question: str | None = None,
+    ) -> Any:
+        """Remove about ``rho`` of ``prompt``'s tokens before prefill → ``CompressedPrompt`` (kept ids, ρ reached).
+
+        The layout (what may be removed) is built inside the timed part: it is on the request's path.
+        A prompt longer than the context is accepted if the kept tokens fit (``gemfilter`` reads the whole
+        prompt with the model, so for it the original must fit).
+        """
+        from timebill.compression import prompt_layout
+
+        rho = check_prompt_compression(rho)
+        engine_compressor = self.compressor(compressor)
+        t0 = time.perf_counter()
+        layout = prompt_layout(self, prompt, chat=chat, question=question)
+        if compressor == "gemfilter":
+            self.check_fits(layout.n_tokens)
+        out = engine_compressor.compress(layout, rho)
+        out = dataclasses.replace(out, compress_s=time.perf_counter() - t0)
+        self.check_fits(out.kept_tokens)
+        return out
 
     def make_result(self, state: PrefillState, decoded: DecodeOutcome, deadline_s: float | None) -> GenerationResult:
         """The result of a finished request (also built by the TimeBill facade around its own decode)."""
@@ -566,6 +671,19 @@ class Engine:
             model_id=self.source.model_id if self.source is not None else "?",
             decode_path=self.decode_path,
         )
+
+
+def with_compression(result: GenerationResult, compressed: Any) -> GenerationResult:
+    """``result`` with the prompt compression that preceded its prefill recorded (None: none ran)."""
+    if compressed is None:
+        return result
+    return dataclasses.replace(
+        result,
+        original_prompt_tokens=compressed.original_tokens,
+        prompt_compression=compressed.reached,
+        compressor=compressed.compressor,
+        compress_s=compressed.compress_s,
+    )
 
 
 def _sample(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator) -> int:

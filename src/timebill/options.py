@@ -20,9 +20,13 @@ __all__ = [
     "Bound",
     "RequestOptions",
     "SamplingConfig",
+    "COMPRESSOR_NAMES",
+    "DEFAULT_COMPRESSOR",
     "check_alpha",
+    "check_compressor",
     "check_max_new_tokens",
     "check_press",
+    "check_prompt_compression",
 ]
 
 #: How the worst-case length N̂_W is bounded: ``k`` (k·N̂, the paper's) or ``conformal`` (the predictor's
@@ -31,6 +35,9 @@ Bound = Literal["k", "conformal"]
 BOUNDS: tuple[str, ...] = get_args(Bound)
 #: Eviction presses (``timebill.presses`` builds them; the names live here so validation needs no torch).
 PRESS_NAMES = ("snapkv", "streaming", "knorm")
+#: Prompt compressors (``timebill.compression`` builds them), cheapest first; ``bm25`` is the default.
+COMPRESSOR_NAMES = ("truncate", "bm25", "embedding", "gemfilter")
+DEFAULT_COMPRESSOR = "bm25"
 
 # Defaults of the planner's knobs (the paper's k = 5 and α_max = 0.95; the 2 % slack rule is ours, see
 # ``timebill.planner.plan``). ``timebill.planner`` re-exports them: one value, one place.
@@ -59,6 +66,20 @@ def check_press(press: object) -> str:
     if press not in PRESS_NAMES:
         raise InvalidInputError(f"Unknown press {press!r}; choose one of: {', '.join(PRESS_NAMES)}.")
     return str(press)
+
+
+def check_prompt_compression(rho: object) -> float:
+    """ρ, the fraction of prompt tokens removed before prefill, in [0, 1) (same convention as α)."""
+    if isinstance(rho, bool) or not (isinstance(rho, Real) and math.isfinite(rho) and 0.0 <= rho < 1.0):
+        raise InvalidInputError(f"prompt_compression (fraction of prompt tokens removed) must be in [0, 1), got {rho}")
+    return float(rho)
+
+
+def check_compressor(name: object) -> str:
+    """One of :data:`COMPRESSOR_NAMES`; checked before any model work."""
+    if name not in COMPRESSOR_NAMES:
+        raise InvalidInputError(f"Unknown compressor {name!r}; choose one of: {', '.join(COMPRESSOR_NAMES)}.")
+    return str(name)
 
 
 def _check_fraction(name: str, value: object, hint: str = "") -> float:
@@ -107,6 +128,10 @@ class RequestOptions:
     replan: bool = True
     #: Eviction press; None means the TimeBill instance's own (the one its profile was measured with).
     press: str | None = None
+    #: ρ: fraction of the prompt's tokens removed before prefill (0 = the prompt as given), in [0, 1).
+    prompt_compression: float = 0.0
+    #: Which prompt compressor removes them (see ``timebill.compression``).
+    compressor: str = DEFAULT_COMPRESSOR
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
@@ -128,6 +153,8 @@ class RequestOptions:
             raise InvalidInputError(f"replan must be true or false, got {self.replan!r}")
         if self.press is not None:
             check_press(self.press)
+        check_prompt_compression(self.prompt_compression)
+        check_compressor(self.compressor)
         self.sampling  # noqa: B018 - builds (and so validates) the sampling settings
 
     @property
