@@ -84,9 +84,7 @@ class GemFilterCompressor(Compressor):
         handle = attention.register_forward_hook(hook, with_kwargs=True)
         device = next(self.model.parameters()).device
         try:
-            self.model(
-                input_ids=torch.tensor([ids], device=device), past_key_values=DynamicCache(), use_cache=True
-            )
+            self.model(input_ids=torch.tensor([ids], device=device), past_key_values=DynamicCache(), use_cache=True)
         except _StopForward:
             pass
         finally:

@@ -202,4 +202,3 @@ def find_question(text: str, span: tuple[int, int], question: str) -> tuple[int,
         raise InvalidInputError("question is empty; leave it out to use the prompt's last line or turn")
     at = text.rfind(needle, span[0], span[1])
     return None if at < 0 else (at, at + len(needle))
-
