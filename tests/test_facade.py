@@ -232,4 +232,5 @@ def test_plan_record_is_flat_json_with_the_documented_keys(timebill: TimeBill) -
     assert list(record) == [
         "n_x", "n_hat", "bound", "n_worst", "alpha", "predicted_prefill_s", "predicted_decode_s",
         "predicted_wcet_s", "t_predict_s", "feasible", "earliest_feasible_budget_s", "budget_s", "expected_e2e_s",
+        "original_n_x", "prompt_compression", "compressor", "predicted_compress_s",
     ]  # fmt: skip

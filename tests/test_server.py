@@ -133,6 +133,11 @@ def test_impossible_budget_is_refused_with_429_before_any_generation(server) -> 
         ('{"messages": [{"role": "user", "content": "hi"}], "bound": "magic"}', 400, "bound"),
         ('{"messages": [{"role": "user", "content": "hi"}], "press": "magic"}', 400, "press"),
         ('{"messages": [{"role": "user", "content": "hi"}], "n": 2}', 400, "n must be 1"),
+        ('{"messages": [{"role": "user", "content": "hi"}], "prompt_compression": -0.1}', 400, "prompt_compression"),
+        ('{"messages": [{"role": "user", "content": "hi"}], "prompt_compression": 1.0}', 400, "prompt_compression"),
+        ('{"messages": [{"role": "user", "content": "hi"}], "prompt_compression": NaN}', 400, "prompt_compression"),
+        ('{"messages": [{"role": "user", "content": "hi"}], "compressor": "llmlingua"}', 400, "Unknown compressor"),
+        (json.dumps({"messages": CHAT, "prompt_compression": 0.5, "question": " "}), 400, "question is empty"),
         (json.dumps({"messages": [{"role": "user", "content": "word " * 9000}]}), 400, "context"),
     ],
 )
@@ -143,6 +148,25 @@ def test_malformed_requests_get_a_clear_400_or_422(server, body: str, status: in
     assert resp.status_code == status, resp.text
     assert says in resp.json()["error"]["message"]
     assert httpx.get(server.base + "/health").json()["status"] == "ok"  # the server lives on
+
+
+def test_completions_refuse_a_bad_compression_with_400(server) -> None:
+    for extra, says in (({"prompt_compression": 2}, "prompt_compression"), ({"compressor": "zip"}, "compressor")):
+        resp = httpx.post(server.base + "/v1/completions", json={"prompt": "Once upon a time", **extra}, timeout=30)
+        assert resp.status_code == 400, resp.text
+        assert says in resp.json()["error"]["message"]
+
+
+def test_prompt_compression_prefills_fewer_tokens_and_the_response_says_how_many(server) -> None:
+    from test_cli_compression import long_prompt
+
+    messages = [{"role": "user", "content": long_prompt()}]
+    extra = {"time_budget": 30.0, "prompt_compression": 0.5, "compressor": "bm25"}
+    resp = server.client.chat.completions.create(model="x", messages=messages, max_tokens=4, extra_body=extra)
+    tb = resp.model_extra["timebill"]
+    assert tb["original_prompt_tokens"] >= 300 and tb["prompt_tokens"] < tb["original_prompt_tokens"]
+    assert 0.3 < tb["prompt_compression"] < 0.7 and tb["compressor"] == "bm25" and tb["compress_s"] > 0
+    assert tb["deadline_met"] and resp.usage.prompt_tokens == tb["prompt_tokens"]
 
 
 def test_completions_models_health_and_metrics_endpoints(server) -> None:

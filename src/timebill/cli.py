@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from timebill.errors import InfeasibleBudgetError, InvalidInputError, ProfileError, TimeBillError
-from timebill.options import RequestOptions
+from timebill.options import DEFAULT_COMPRESSOR, RequestOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="TimeBill: time-budgeted LLM inference.")
 
@@ -55,10 +55,29 @@ def _echo_result(text: str, summary: str, record: dict[str, Any], as_json: bool)
         typer.echo(summary)
 
 
+def _check_question(question: str | None) -> str | None:
+    """``--question``: None (the prompt's own last line or user turn) or some text, checked before any model loads."""
+    if question is not None and not question.strip():
+        raise InvalidInputError("--question is empty; leave it out to use the prompt's last line or user turn")
+    return question
+
+
 def _generate_budgeted(
-    prompt: str, budget: str, options: RequestOptions, *, dry_run: bool, chat: bool, as_json: bool, **load: Any
+    prompt: str,
+    budget: str,
+    options: RequestOptions,
+    *,
+    question: str | None,
+    dry_run: bool,
+    chat: bool,
+    as_json: bool,
+    **load: Any,
 ) -> None:
-    """``generate --budget``: load a TimeBill (``load``: model, threads, weights, profile, predictor) and answer."""
+    """``generate --budget``: load a TimeBill (``load``: model, threads, weights, profile, predictor) and answer.
+
+    ``options`` carries ρ and the compressor (they are request options); ``question`` is per prompt, so it
+    goes with the prompt to :meth:`TimeBill.plan` / :meth:`TimeBill.generate`.
+    """
     from timebill.facade import TimeBill, parse_budget
 
     try:
@@ -66,12 +85,13 @@ def _generate_budgeted(
         budget_s = parse_budget(budget)
         if not text.strip():
             raise InvalidInputError("The prompt is empty; give some text to answer.")
+        _check_question(question)
         tb = TimeBill.load(**load, options=options)
         if dry_run:
-            plan = tb.plan(text, budget_s, chat=chat)
+            plan = tb.plan(text, budget_s, chat=chat, question=question)
             typer.echo(json.dumps(plan.to_record()) if as_json else plan.summary_line())
             return
-        result = tb.generate(text, budget_s, chat=chat)
+        result = tb.generate(text, budget_s, chat=chat, question=question)
     except TimeBillError as exc:
         _fail(exc)
         return
@@ -123,6 +143,24 @@ def generate(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan without generating.")] = False,
     profile: Annotated[str | None, typer.Option(help="Estimator profile file (default: this setup's).")] = None,
     predictor: Annotated[str | None, typer.Option(help="Length predictor file (default: shipped).")] = None,
+    prompt_compression: Annotated[
+        float,
+        typer.Option(
+            "--prompt-compression",
+            help="ρ: fraction of the prompt's tokens removed before prefill, in [0, 1) (0: the prompt as given).",
+        ),
+    ] = 0.0,
+    compressor: Annotated[
+        str,
+        typer.Option(help="Prompt compressor: truncate | bm25 | embedding | gemfilter (scores what to keep)."),
+    ] = DEFAULT_COMPRESSOR,
+    question: Annotated[
+        str | None,
+        typer.Option(
+            help="The part of the prompt that is the request: kept, and what chunks are scored against "
+            "(default: the chat's last user turn, or the prompt's last line)."
+        ),
+    ] = None,
 ) -> None:
     """Generate an answer: with --budget, TimeBill plans the eviction; otherwise a fixed α and deadline."""
     from timebill.engine import Engine, validate_request
@@ -140,6 +178,8 @@ def generate(
                 temperature=temperature,
                 top_p=top_p,
                 seed=seed,
+                prompt_compression=prompt_compression,
+                compressor=compressor,
             )
         except TimeBillError as exc:
             _fail(exc)
@@ -148,6 +188,7 @@ def generate(
             prompt,
             budget,
             options,
+            question=question,
             dry_run=dry_run,
             chat=not raw,
             as_json=as_json,
@@ -160,7 +201,8 @@ def generate(
         return
     try:
         text = _read_prompt(prompt)
-        validate_request(text, alpha, max_new_tokens, deadline, press)
+        validate_request(text, alpha, max_new_tokens, deadline, press, prompt_compression, compressor)
+        _check_question(question)
         engine = Engine.load(model, threads=threads, fast=fast, weights=weights)
         result = engine.generate(
             text,
@@ -172,6 +214,9 @@ def generate(
             temperature=temperature,
             top_p=top_p,
             seed=seed,
+            prompt_compression=prompt_compression,
+            compressor=compressor,
+            question=question,
         )
     except TimeBillError as exc:
         _fail(exc)

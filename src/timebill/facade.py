@@ -17,11 +17,12 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from timebill import planner
-from timebill.engine import STOP_DEADLINE, Engine, GenerationResult, PrefillState
+from timebill.engine import STOP_DEADLINE, Engine, GenerationResult, PrefillState, with_compression
 from timebill.errors import InfeasibleBudgetError, InvalidInputError
 from timebill.options import BOUNDS, RequestOptions
 
 if TYPE_CHECKING:
+    from timebill.compression import CompressedPrompt
     from timebill.estimator import TimeModel
 
 ARRANGEMENTS = ("probe", "parallel", "sequential")
@@ -68,11 +69,15 @@ class RequestPlan:
     itself counts the measured time instead); ``t_predict_s`` the predictor's measured unhidden time.
     """
 
-    n_x: int
+    n_x: int  # prompt tokens prefilled (after prompt compression, if any)
     budget_s: float
     plan: planner.Plan
     predicted_prefill_s: float
     t_predict_s: float
+    original_n_x: int | None = None  # before prompt compression (None: not compressed)
+    prompt_compression: float = 0.0  # ρ reached
+    compressor: str | None = None
+    predicted_compress_s: float = 0.0  # the estimator's compressor time (reserved before prefill)
 
     @property
     def alpha(self) -> float:
@@ -128,10 +133,17 @@ class RequestPlan:
             "earliest_feasible_budget_s": self.earliest_feasible_budget_s,
             "budget_s": self.budget_s,
             "expected_e2e_s": self.expected_e2e_s,
+            "original_n_x": self.original_n_x,
+            "prompt_compression": self.prompt_compression,
+            "compressor": self.compressor,
+            "predicted_compress_s": self.predicted_compress_s,
         }
 
     def summary_line(self) -> str:
-        return (
+        compressed = ""
+        if self.original_n_x is not None:
+            compressed = f"{self.compressor} ρ={self.prompt_compression:.3f} of {self.original_n_x} tokens → "
+        return compressed + (
             f"plan: N_x={self.n_x} N̂={self.n_hat:.0f} bound={self.bound} N̂_W={self.n_worst} "
             f"α*={self.alpha:.3f} WCET={self.predicted_wcet_s:.3f}s budget={self.budget_s:.3f}s "
             f"feasible={self.feasible}"
@@ -216,6 +228,10 @@ class TimeBillResult:
             "budget_s": self.plan.budget_s,
             "tokens_generated": gen["tokens_generated"],
             "prompt_tokens": gen["prompt_tokens"],
+            "original_prompt_tokens": gen["original_prompt_tokens"],
+            "prompt_compression": gen["prompt_compression"],
+            "compressor": gen["compressor"],
+            "compress_s": gen["compress_s"],
             "decode_path": gen["decode_path"],
             "replans": [asdict(r) for r in self.replans],
             "arrangement": self.arrangement,
@@ -233,6 +249,20 @@ class TimeBillResult:
             f"{self.generation.tokens_generated} stop={self.stop_reason} met={self.deadline_met} "
             f"replans={len(self.replans)}"
         )
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A request's prompt tokens before prefill, and what prompt compression did (or will do) to them."""
+
+    ids: list[int] | None  # None: only predicted (the compressor has not run)
+    text: str  # what the length predictor reads
+    n_x: int  # tokens to prefill (the compressor's target when only predicted)
+    original_n_x: int | None = None  # before compression; None: no compression
+    reached: float = 0.0
+    compressor: str | None = None
+    predicted_compress_s: float = 0.0
+    compressed: CompressedPrompt | None = None
 
 
 class TimeBill:
@@ -312,15 +342,21 @@ class TimeBill:
 
     def _make_plan(
         self,
-        n_x: int,
+        prep: _Prepared,
         budget_s: float,
         prediction: LengthPredictionLike,
         opts: RequestOptions,
         t_predict_s: float,
         spent_s: float | None,
     ) -> RequestPlan:
-        """Ask the planner; ``spent_s`` (after prefill) is the measured part of the budget already gone."""
+        """Ask the planner; ``spent_s`` (after prefill) is the measured part of the budget already gone.
+
+        Before prefill (``spent_s`` None) the compressor's predicted time is reserved with the other
+        overheads; after it, the compressor's measured time is inside ``spent_s``.
+        """
+        n_x = prep.n_x
         n_hat, n_worst = self._n_worst(prediction, opts)
+        overhead = self._overhead_s(n_x, n_worst) + (prep.predicted_compress_s if spent_s is None else 0.0)
         p = planner.plan(
             self.estimator.coefficients(),
             n_x,
@@ -334,7 +370,7 @@ class TimeBill:
             n_worst=n_worst,
             infeasible_slack=opts.infeasible_slack,
             spent_s=spent_s,
-            overhead_s=self._overhead_s(n_x, n_worst),
+            overhead_s=overhead,
         )
         return RequestPlan(
             n_x=n_x,
@@ -342,42 +378,81 @@ class TimeBill:
             plan=p,
             predicted_prefill_s=self.estimator.prefill_s(n_x),
             t_predict_s=t_predict_s,
+            original_n_x=prep.original_n_x,
+            prompt_compression=prep.reached,
+            compressor=prep.compressor,
+            predicted_compress_s=prep.predicted_compress_s,
         )
 
-    def _check_prefill_fits(self, n_x: int, budget_s: float, spent_s: float = 0.0) -> None:
+    def _check_prefill_fits(self, n_x: int, budget_s: float, spent_s: float = 0.0, extra_s: float = 0.0) -> None:
         """Refuse before any work when the prefill alone cannot fit what is left of the budget.
 
         ``spent_s`` is the part of the budget already gone when the request reaches the model (time in a
-        server's queue): the budget counts from arrival, so only ``budget_s - spent_s`` is left.
+        server's queue): the budget counts from arrival, so only ``budget_s - spent_s`` is left. ``extra_s``
+        is work still to come before prefill (a prompt compressor's predicted time).
         """
-        prefill = self.estimator.prefill_s(n_x)
+        prefill = self.estimator.prefill_s(n_x) + extra_s
         spent_s = max(0.0, spent_s)
         if prefill >= budget_s - spent_s:
             spent = f" ({spent_s:.3f} s of it already spent waiting)" if spent_s > 1e-3 else ""
+            what = f"prefill of {n_x} prompt tokens" + (" plus the prompt compressor" if extra_s > 0 else "")
             earliest = spent_s + prefill
             raise InfeasibleBudgetError(
-                f"Infeasible: the budget {budget_s:.3f} s{spent} is below the predicted prefill of {n_x} prompt "
-                f"tokens ({prefill:.3f} s) on this machine; give at least {earliest * 1.1:.3f} s or shorten the "
-                "prompt.",
+                f"Infeasible: the budget {budget_s:.3f} s{spent} is below the predicted {what} ({prefill:.3f} s) "
+                f"on this machine; give at least {earliest * 1.1:.3f} s or shorten the prompt.",
                 earliest_feasible_s=earliest,
             )
 
-    def _encode(self, prompt: Prompt, chat: bool) -> tuple[list[int], str]:
-        """Token ids of the prompt, and the text the length predictor reads.
+    def _prepare(
+        self, prompt: Prompt, opts: RequestOptions, chat: bool, question: str | None, compress: bool
+    ) -> _Prepared:
+        """The request's prompt tokens, and what prompt compression (ρ > 0) did or will do to them.
 
-        For chat messages the predictor reads the last user turn: the shipped predictors were trained on
-        single prompts (first user turns), and the last user turn is what the answer responds to.
+        ``compress=False`` only predicts: the kept length is the compressor's token target (an admission
+        check pays no compressor); ``compress=True`` runs the compressor (timed by the engine).
         """
+        rho = opts.prompt_compression
+        if rho == 0.0:
+            ids, text = self._encode(prompt, chat)
+            return _Prepared(ids, text, len(ids))
+        from timebill.compression import target_kept_tokens
+
+        rendered = self.engine.render(prompt, chat=chat)  # validates the prompt before anything reads it
+        text = self._predictor_text(prompt)
+        if not compress:
+            n_orig = len(self.engine.tokenize(rendered, check=False))
+            predicted = self.estimator.compress_s(opts.compressor, n_orig)
+            n_x = target_kept_tokens(n_orig, rho)
+            return _Prepared(None, text, n_x, n_orig, rho, opts.compressor, predicted)
+        out = self.engine.compress(prompt, rho, opts.compressor, chat=chat, question=question)
+        predicted = self.estimator.compress_s(opts.compressor, out.original_tokens)
+        return _Prepared(
+            list(out.ids), text, out.kept_tokens, out.original_tokens, out.reached, out.compressor, predicted, out
+        )
+
+    def _encode(self, prompt: Prompt, chat: bool) -> tuple[list[int], str]:
+        """Token ids of the prompt, and the text the length predictor reads (:meth:`_predictor_text`)."""
         if isinstance(prompt, str):
             return self.engine.encode(prompt, chat=chat), prompt
-        ids = self.engine.encode_messages(prompt)
-        users = [m["content"] for m in prompt if m.get("role") == "user" and m["content"].strip()]
-        text = users[-1] if users else "\n\n".join(m["content"] for m in prompt if m["content"].strip())
-        return ids, text
+        return self.engine.encode_messages(prompt), self._predictor_text(prompt)
+
+    @staticmethod
+    def _predictor_text(prompt: Prompt) -> str:
+        """For chat messages the predictor reads the last user turn: the shipped predictors were trained on
+        single prompts (first user turns), and the last user turn is what the answer responds to."""
+        if isinstance(prompt, str):
+            return prompt
+        users = [m["content"] for m in prompt if m.get("role") == "user" and str(m.get("content", "")).strip()]
+        return users[-1] if users else "\n\n".join(str(m.get("content", "")) for m in prompt)
 
     # ------------------------------------------------------------------ public API
     def predict_length(
-        self, prompt: Prompt, *, chat: bool = True, time_budget: float | None = None
+        self,
+        prompt: Prompt,
+        *,
+        chat: bool = True,
+        time_budget: float | None = None,
+        options: RequestOptions | None = None,
     ) -> LengthPredictionLike:
         """Run the length predictor alone, e.g. for a server's admission control while the model is busy.
 
@@ -385,12 +460,13 @@ class TimeBill:
         made once. Probe predictors run their own prefill here (they cannot share the request's later one).
         With ``time_budget`` (seconds; ≤ 0 allowed), a prompt whose prefill alone cannot fit it is refused
         first (:class:`InfeasibleBudgetError`): an overloaded server then pays no prediction for it.
+        ``options`` with prompt compression: the check uses the compressed length and the compressor's cost.
         """
-        ids, text = self._encode(prompt, chat)
+        prep = self._prepare(prompt, self.request_options(options), chat, None, compress=False)
         if time_budget is not None:
             with self._estimator_lock:
-                self._check_prefill_fits(len(ids), max(float(time_budget), 0.0))
-        return self.predictor.predict(text)
+                self._check_prefill_fits(prep.n_x, max(float(time_budget), 0.0), extra_s=prep.predicted_compress_s)
+        return self.predictor.predict(prep.text)
 
     def least_time(
         self,
@@ -403,11 +479,13 @@ class TimeBill:
     ) -> LeastTime:
         """The least budget this request needs (its worst case at α_max), planned from arrival; no model run.
 
-        A server's admission control asks this to refuse a request before queueing it.
+        A server's admission control asks this to refuse a request before queueing it. With prompt
+        compression the prompt counts at the compressor's token target and its predicted cost is added (the
+        compressor itself does not run here).
         """
         opts = self.request_options(options, **overrides)
-        ids, _ = self._encode(prompt, chat)
-        n_x = len(ids)
+        prep = self._prepare(prompt, opts, chat, None, compress=False)
+        n_x = prep.n_x
         _, n_worst = self._n_worst(prediction, opts)
         with self._estimator_lock:
             seconds = planner.least_time_s(
@@ -415,7 +493,7 @@ class TimeBill:
                 n_x,
                 n_worst,
                 alpha_max=opts.alpha_max,
-                overhead_s=self._overhead_s(n_x, n_worst),
+                overhead_s=self._overhead_s(n_x, n_worst) + prep.predicted_compress_s,
             )
             return LeastTime(n_x, n_worst, self.estimator.prefill_s(n_x), seconds)
 
@@ -427,24 +505,27 @@ class TimeBill:
         *,
         chat: bool = True,
         prediction: LengthPredictionLike | None = None,
+        question: str | None = None,
         **overrides: Any,
     ) -> RequestPlan:
         """The plan without generating (the prediction runs unless ``prediction`` is given; the model does not).
 
-        ``options`` / keyword ``overrides`` (e.g. ``max_new_tokens=64``): see :class:`RequestOptions`.
+        ``options`` / keyword ``overrides`` (e.g. ``max_new_tokens=64``): see :class:`RequestOptions`. With
+        prompt compression the compressor runs (the plan is for the tokens it keeps); ``question``: see
+        :meth:`generate`.
         """
         budget_s = parse_budget(time_budget)
         opts = self.request_options(options, **overrides)
-        ids, text = self._encode(prompt, chat)
+        prep = self._prepare(prompt, opts, chat, question, compress=opts.prompt_compression > 0)
         with self._estimator_lock:
-            self._check_prefill_fits(len(ids), budget_s)
+            self._check_prefill_fits(prep.n_x, budget_s, extra_s=prep.predicted_compress_s)
         t_predict = 0.0
         if prediction is None:
             t0 = time.perf_counter()
-            prediction = self.predictor.predict(text)
+            prediction = self.predictor.predict(prep.text)
             t_predict = 0.0 if self.arrangement == "probe" else time.perf_counter() - t0
         with self._estimator_lock:
-            return self._make_plan(len(ids), budget_s, prediction, opts, t_predict, None)
+            return self._make_plan(prep, budget_s, prediction, opts, t_predict, None)
 
     def generate(
         self,
@@ -459,6 +540,7 @@ class TimeBill:
         on_plan: Callable[[RequestPlan], None] | None = None,
         on_token: Callable[[int], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        question: str | None = None,
         **overrides: Any,
     ) -> TimeBillResult:
         """Answer ``prompt`` within ``time_budget`` seconds (from ``t_start``, default: now).
@@ -474,22 +556,29 @@ class TimeBill:
         ``on_plan(plan)`` runs once after planning, before the first decode step; ``on_token(token_id)`` as
         each token is produced; ``should_stop()`` between tokens (True ends the answer with
         ``stop_reason="cancelled"``).
+        ``prompt_compression`` / ``compressor`` (options): remove that fraction of the prompt's tokens before
+        prefill; ``question`` is the part of the prompt that is the request (never removed; default the
+        chat's last user turn or the prompt's last line). The compressor's time counts against the budget.
         """
         t_called = time.perf_counter()
         t_start = t_called if t_start is None else t_start
         budget_s = parse_budget(time_budget)
         opts = self.request_options(options, **overrides)
         press = opts.press or self.press
-        ids, text = self._encode(prompt, chat)
-        n_x = len(ids)
-        self._check_prefill_fits(n_x, budget_s, time.perf_counter() - t_start)
+        prep = self._prepare(prompt, opts, chat, question, compress=False)
+        self._check_prefill_fits(prep.n_x, budget_s, time.perf_counter() - t_start, prep.predicted_compress_s)
+        if opts.prompt_compression > 0:
+            prep = self._prepare(prompt, opts, chat, question, compress=True)
+            self._check_prefill_fits(prep.n_x, budget_s, time.perf_counter() - t_start)
+        ids, text, n_x = prep.ids, prep.text, prep.n_x
+        assert ids is not None
 
         if prediction is None:
             state, prediction, t_predict = self._prefill_and_predict(text, ids, t_start, press)
         else:
             state, t_predict = self.engine.prefill(ids, press=press, capture=True, t_start=t_start), 0.0
         t_plan = time.perf_counter()
-        req_plan = self._make_plan(n_x, budget_s, prediction, opts, t_predict, t_plan - t_start)
+        req_plan = self._make_plan(prep, budget_s, prediction, opts, t_predict, t_plan - t_start)
         plan_compute_s = time.perf_counter() - t_plan
         if on_plan is not None:
             on_plan(req_plan)
@@ -512,9 +601,9 @@ class TimeBill:
             on_token=on_token,
             should_stop=should_stop,
         )
-        gen = self.engine.make_result(state, decoded, budget_s)
+        gen = with_compression(self.engine.make_result(state, decoded, budget_s), prep.compressed)
         tokens, times = decoded.token_ids, decoded.token_times_s
-        predicted_e2e = t_predict + self.estimator.e2e_s(n_x, req_plan.alpha, len(tokens))
+        predicted_e2e = t_predict + prep.predicted_compress_s + self.estimator.e2e_s(n_x, req_plan.alpha, len(tokens))
         with self._estimator_lock:
             self.estimator.observe(gen)
         e2e = times[-1] if times else decoded.ended_at - t_start

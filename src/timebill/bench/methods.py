@@ -6,6 +6,7 @@
 | ``snapkv-0.25`` … ``snapkv-0.95`` | :class:`FixedAlpha` | no | SnapKV at a fixed α | fixed α |
 | ``int8`` | :class:`FixedAlpha` | no | α = 0, int8 dynamic quantisation of the linear layers | AWQ (CPU counterpart) |
 | ``int4`` | :class:`FixedAlpha` | no | α = 0, the GGUF's 4-bit (Q4_1) layer weights, int8 LM head | AWQ-like 4-bit |
+| ``compress-0.25`` … ``compress-0.9`` | :class:`FixedAlpha` | no | BM25 prompt compression at a fixed ρ, α = 0 | ours |
 | ``timebill`` | :class:`TimeBillMethod` | yes | k = 5 bound, no re-planning | TimeBill |
 | ``timebill-conformal`` | :class:`TimeBillMethod` | yes | the predictor's calibrated upper(δ = 0.05) bound | ours |
 | ``timebill-replan`` | :class:`TimeBillMethod` | yes | k = 5 and closed-loop re-planning | ours |
@@ -13,7 +14,8 @@
 
 A budget-independent method runs **once per task** with no deadline and keeps its per-token timestamps
 (measured from the request's start) and token ids; every budget and overrun policy is then applied to
-that trace (:func:`outcome`). A TimeBill method runs once per task *and budget*, since its plan depends
+that trace (:func:`outcome`); a fixed-ρ method's timestamps include its compressor's time, which runs
+before prefill on the request's path. A TimeBill method runs once per task *and budget*, since its plan depends
 on T; the engine's deadline guard is always on for it. Both kinds leave the same record fields
 (``token_ids``, ``token_times_s``, ``stop_reason``, ``e2e_s``, ``text``), so one function reads any
 record at any budget.
@@ -35,10 +37,13 @@ from timebill.bench.metrics import score as metric_score
 from timebill.bench.policies import JobOutcome
 from timebill.bench.suite import Task
 from timebill.errors import InfeasibleBudgetError, InvalidInputError
+from timebill.options import DEFAULT_COMPRESSOR
 from timebill.predictor.constant import ConstantLengthPredictor
 
 DEFAULT_K = 5
 FIXED_ALPHAS = (0.25, 0.5, 0.75, 0.95)
+#: ρ of the fixed prompt-compression methods (fraction of prompt tokens removed before prefill).
+FIXED_RHOS = (0.25, 0.5, 0.75, 0.9)
 K_SWEEP = tuple(range(1, 9))
 FINISHED_STOPS = ("eos", "max_tokens")
 STOP_REFUSED = "refused"  # TimeBill refused the request before any work (prefill alone exceeds T)
@@ -154,20 +159,39 @@ class Method(ABC):
 
 @dataclass(frozen=True)
 class FixedAlpha(Method):
-    """Evict a fixed fraction α of the prompt KV (SnapKV) after prefill; α = 0 is vanilla decoding."""
+    """One fixed configuration, whatever the budget: evict a fraction α of the prompt KV (SnapKV) after
+    prefill, on ``weights``, after removing a fraction ρ (``prompt_compression``) of the prompt's tokens
+    with ``compressor`` before it. α = ρ = 0 on fp32 is vanilla decoding.
+    """
 
     name: str
     alpha: float
     weights: str = "fp32"
     press: str = "snapkv"
     budgeted: bool = False
+    prompt_compression: float = 0.0
+    compressor: str = DEFAULT_COMPRESSOR
 
     def run(self, resources: Resources, task: Task, budget_s: float | None) -> dict[str, Any]:
         engine = resources.engine_for(self.weights)
         result = engine.generate(
-            task.prompt, alpha=self.alpha, max_new_tokens=task.max_new_tokens, press=self.press, chat=task.chat
+            task.prompt,
+            alpha=self.alpha,
+            max_new_tokens=task.max_new_tokens,
+            press=self.press,
+            chat=task.chat,
+            prompt_compression=self.prompt_compression,
+            compressor=self.compressor,
         )
         times = list(result.token_times_s)
+        compressed = {}
+        if self.prompt_compression > 0:  # prompt_tokens is then what was prefilled (the kept tokens)
+            compressed = {
+                "original_prompt_tokens": result.original_prompt_tokens,
+                "prompt_compression": result.prompt_compression,  # ρ reached, not asked
+                "compressor": result.compressor,
+                "compress_s": result.compress_s,
+            }
         return {
             "text": result.text,
             "token_ids": list(result.token_ids),
@@ -181,10 +205,14 @@ class FixedAlpha(Method):
             "evict_s": result.evict_s,
             "decode_s": result.decode_s,
             "decode_path": result.decode_path,
+            **compressed,
         }
 
     def describe(self) -> str:
         what = "vanilla" if self.alpha == 0 else f"SnapKV α = {self.alpha:g}"
+        if self.prompt_compression > 0:
+            rho = f"{self.compressor} prompt compression ρ = {self.prompt_compression:g} before prefill"
+            what = rho if self.alpha == 0 else f"{rho}, then {what}"
         return f"{what}, {self.weights} weights (one run per task; budgets applied to its trace)"
 
 
@@ -275,6 +303,8 @@ def method_registry() -> dict[str, Method]:
         methods[f"snapkv-{alpha:g}"] = FixedAlpha(f"snapkv-{alpha:g}", alpha)
     methods["int8"] = FixedAlpha("int8", 0.0, weights="int8")
     methods["int4"] = FixedAlpha("int4", 0.0, weights="int4")
+    for rho in FIXED_RHOS:
+        methods[f"compress-{rho:g}"] = FixedAlpha(f"compress-{rho:g}", 0.0, prompt_compression=rho)
     methods["timebill"] = TimeBillMethod("timebill")
     methods["timebill-conformal"] = TimeBillMethod("timebill-conformal", bound="conformal")
     methods["timebill-replan"] = TimeBillMethod("timebill-replan", replan=True)

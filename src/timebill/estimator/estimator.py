@@ -56,6 +56,7 @@ class ExecutionTimeEstimator:
         eviction: Fit | None = None,
         *,
         setup: Fit | None = None,
+        compressors: dict[str, Fit] | None = None,
         profile: Profile | None = None,
         prefill_range: tuple[float, float] | None = None,
         decode_range: tuple[float, float] | None = None,
@@ -75,6 +76,7 @@ class ExecutionTimeEstimator:
         self.decode_fit = decode
         self.eviction_fit = eviction
         self.setup_fit = setup
+        self.compressor_fits = dict(compressors or {})
         self.profile = profile
         self.prefill_range = prefill_range or (0.0, 8192.0)
         self.decode_range = decode_range or (0.0, 8192.0)
@@ -91,6 +93,7 @@ class ExecutionTimeEstimator:
             profile.decode_fit(),
             profile.eviction_fit(),
             setup=profile.setup_fit(),
+            compressors=profile.compressor_fits(),
             profile=profile,
             prefill_range=tuple(report.get("prefill", {}).get("range", (0.0, 8192.0))),  # type: ignore[arg-type]
             decode_range=tuple(report.get("decode", {}).get("range", (0.0, 8192.0))),  # type: ignore[arg-type]
@@ -162,6 +165,22 @@ class ExecutionTimeEstimator:
         if n_tokens <= 1 or self.setup_fit is None:
             return 0.0
         return float(self.setup_fit.predict(n_kv0)) * self._step_scale(recalibrated)
+
+    def compress_s(self, compressor: str, n_x: int, recalibrated: bool = True) -> float:
+        """The prompt compressor's own time on an ``n_x``-token prompt (before prefill, on the critical path).
+
+        Scaled with the prefill factor (bulk CPU work over the prompt). A profile without this compressor's
+        cost (made before prompt compression existed, or with it left out) is a clear error, not a guess.
+        """
+        _check_tokens("n_x", n_x, 1)
+        fit = self.compressor_fits.get(compressor)
+        if fit is None:
+            have = ", ".join(sorted(self.compressor_fits)) or "none"
+            raise ProfileError(
+                f"this machine's profile has no timing for the {compressor!r} prompt compressor (profiled: {have}); "
+                "re-run `timebill profile` to measure it"
+            )
+        return max(0.0, float(fit.predict(n_x))) * self._prefill_scale(recalibrated)
 
     @staticmethod
     def kept_kv_tokens(n_x: int, alpha: float, press_min_kept: int = 0) -> int:

@@ -183,7 +183,9 @@ def _flops_check(shape: ModelShape, prefill: QuadFit, decode: LinFit, dtype: str
     return out
 
 
-def _fit_linear_cost(points: list[PointStats]) -> tuple[Fit | None, dict[str, Any]]:
+def _fit_linear_cost(
+    points: list[PointStats], fitter: Any = fit_decode, min_fit_points: int = 2
+) -> tuple[Fit | None, dict[str, Any]]:
     """A ``p·N + q`` cost model (eviction, decode set-up) with its held-out MAPE; None without data."""
     if len(points) < 3:
         return None, {}
@@ -192,7 +194,9 @@ def _fit_linear_cost(points: list[PointStats]) -> tuple[Fit | None, dict[str, An
     fit_mask, hold_mask = split_holdout(n)
     if not hold_mask.any():
         hold_mask = fit_mask.copy()
-    fit = fit_decode(n[fit_mask], t[fit_mask])
+    if len(set(n[fit_mask].tolist())) < min_fit_points:  # too few to hold any out: fit all, report in-sample
+        fit_mask = hold_mask = np.ones(len(n), dtype=bool)
+    fit = fitter(n[fit_mask], t[fit_mask])
     return fit, {
         "chosen": fit.kind,
         "mape_holdout_pct": {fit.kind: mape(fit.predict(n[hold_mask]), t[hold_mask])},
@@ -203,6 +207,11 @@ def _fit_linear_cost(points: list[PointStats]) -> tuple[Fit | None, dict[str, An
         "holdout_n": n[hold_mask].tolist(),
         "range": [float(n.min()), float(n.max())],
     }
+
+
+def _fit_quadratic_cost(points: list[PointStats]) -> tuple[Fit | None, dict[str, Any]]:
+    """An ``a·N² + b·N + c`` cost model (a partial forward over the prompt), as :func:`_fit_linear_cost`."""
+    return _fit_linear_cost(points, fit_prefill, min_fit_points=3)
 
 
 def fit_profile(key: ProfileKey, measurements: dict[str, Any], shape: ModelShape | None = None) -> Profile:
@@ -230,6 +239,17 @@ def fit_profile(key: ProfileKey, measurements: dict[str, Any], shape: ModelShape
     setup_pts = _point_stats(measurements.get("setup") or [], n_col=1, t_col=2, group_col=0)
     setup_fit, setup_rep = _fit_linear_cost(setup_pts)
 
+    # Prompt compressors: linear in the prompt (chunking, BM25, a small encoder over the chunks) except
+    # gemfilter, whose early-exit forward through the target's first layers grows like a prefill.
+    compressor_fits: dict[str, dict[str, Any]] = {}
+    compressor_reports: dict[str, Any] = {}
+    for name, rows in (measurements.get("compress") or {}).items():
+        points = _point_stats(rows, n_col=1, t_col=2, group_col=0)
+        fit, rep = _fit_linear_cost(points) if name != "gemfilter" else _fit_quadratic_cost(points)
+        if fit is not None:
+            compressor_fits[name] = fit.to_dict()
+            compressor_reports[name] = rep
+
     def contention(kind: str) -> dict[str, float]:
         rows = measurements.get(kind) or []
         threshold = float(measurements.get("grid", {}).get("contention_cores", math.inf))
@@ -256,6 +276,7 @@ def fit_profile(key: ProfileKey, measurements: dict[str, Any], shape: ModelShape
         "decode": dec_rep,
         "evict": evict_rep,
         "setup": setup_rep,
+        "compress": compressor_reports,
         "paper_fits": {"prefill": pre_paper.to_dict(), "decode": dec_paper.to_dict()},
         "points": {
             "prefill": [[p.n, p.median_s, p.mad_rel, p.samples] for p in pre_pts],
@@ -274,6 +295,7 @@ def fit_profile(key: ProfileKey, measurements: dict[str, Any], shape: ModelShape
         noise=noise,
         report=_finite_or_none(report),  # diagnostics: an undefined MAPE is null, not inf
         setup=None if setup_fit is None else setup_fit.to_dict(),
+        compressors=compressor_fits,
     )
 
 

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from timebill.errors import InvalidInputError
+from timebill.options import COMPRESSOR_NAMES, check_compressor
 from timebill.progress import progress_bar
 
 if TYPE_CHECKING:  # the engine imports torch; the estimator package must stay importable without it
@@ -146,6 +147,11 @@ class ProfileGrid:
     # process is worthless, so a run waits out a burst rather than record it; bounded so it ends).
     max_wait_s: float = 60.0
     seed: int = 0
+    # Prompt compressors whose cost (layout + scoring + selection at ρ = 0.5) is profiled, on every other
+    # prompt length of the grid, ``compress_repeats`` times each (their cost is small next to a prefill,
+    # except gemfilter's early-exit forward).
+    compressors: tuple[str, ...] = COMPRESSOR_NAMES
+    compress_repeats: int = 2
 
     def __post_init__(self) -> None:
         if len(set(self.prefill_n)) < 3 or len(set(self.decode_n_kv)) < 2:
@@ -154,7 +160,9 @@ class ProfileGrid:
             raise InvalidInputError("prompt lengths must be >= 2 tokens and cache lengths >= 1")
         if not all(0.0 < a < 1.0 for a in self.evict_alphas):
             raise InvalidInputError(f"evict_alphas must lie in (0, 1), got {self.evict_alphas}")
-        for name in ("repeats", "decode_repeats", "steps_per_sample"):
+        for name in self.compressors:
+            check_compressor(name)
+        for name in ("repeats", "decode_repeats", "steps_per_sample", "compress_repeats"):
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"{name} must be >= 1")
         if any(r < 1 for _, r in self.repeat_tiers):
@@ -168,6 +176,12 @@ class ProfileGrid:
             if n <= bound:
                 return repeats
         return self.repeats
+
+    @property
+    def compress_n(self) -> tuple[int, ...]:
+        """Prompt lengths the compressors are timed at: every other grid length from 64 up, and the longest."""
+        lengths = sorted(n for n in set(self.prefill_n) if n >= 64) or sorted(set(self.prefill_n))
+        return _dedupe_sorted([*lengths[::2], lengths[-1]])
 
     @property
     def steps_consumed(self) -> int:
@@ -239,6 +253,7 @@ class ProfileGrid:
             steps_per_sample=3,
             max_retries=0,
             max_wait_s=0.0,
+            compress_repeats=1,
         )
 
 
@@ -328,6 +343,7 @@ class _Sample:
     retries: int
     alpha: float = 0.0
     grid_n: int = 0  # the grid point the sample belongs to (decode: the cache length at its start)
+    compressor: str = ""  # compress samples: which compressor
 
 
 @dataclass
@@ -364,6 +380,15 @@ class ProfileRun:
                 if s.kind == "evict"
             ],
             "evict_columns": ["n", "alpha", "seconds", "repeat", "others_cores", "retries"],
+            # Per compressor, rows like prefill's: n is the original prompt length it compressed.
+            "compress": {
+                name: [
+                    [s.grid_n, s.n, s.seconds, s.repeat, round(s.contention, 3), s.retries]
+                    for s in self.samples
+                    if s.kind == "compress" and s.compressor == name
+                ]
+                for name in self.grid.compressors
+            },
             "grid": {
                 "name": self.grid.name,
                 "prefill_n": list(self.grid.prefill_n),
@@ -378,6 +403,9 @@ class ProfileRun:
                 "contention_cores": self.grid.contention_cores,
                 "max_wait_s": self.grid.max_wait_s,
                 "seed": self.grid.seed,
+                "compressors": list(self.grid.compressors),
+                "compress_n": list(self.grid.compress_n),
+                "compress_repeats": self.grid.compress_repeats,
             },
             "threads": self.threads,
             "device": self.device,
@@ -419,6 +447,11 @@ def prompt_ids(engine: Engine, n_tokens: int) -> list[int]:
     while len(ids) < n_tokens:
         ids = ids + ids
     return ids[:n_tokens]
+
+
+def prompt_text(engine: Engine, ids: list[int]) -> str:
+    """Text of about ``len(ids)`` tokens (decoded ids; re-tokenising may shift the count by a few)."""
+    return engine.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def _clone_cache(cache: Any, length: int | None = None) -> Any:
@@ -543,11 +576,20 @@ def measure(
 
     tasks = [("prefill", n, r) for n in grid.prefill_n for r in range(grid.prefill_repeats(n))]
     tasks += [("decode", n, r) for n in grid.decode_n_kv for r in range(grid.decode_repeats)]
+    repeats = range(grid.compress_repeats)
+    tasks += [(f"compress:{c}", n, r) for c in grid.compressors for n in grid.compress_n for r in repeats]
     random.Random(grid.seed).shuffle(tasks)
+    texts = {n: prompt_text(engine, ids[:n]) for n in grid.compress_n} if grid.compressors else {}
     decode_work = 0.04 * grid.steps_consumed
-    total_work = prefill_work(max(grid.decode_n_kv)) + sum(
-        prefill_work(n) * 1.05 if kind == "prefill" else decode_work for kind, n, _ in tasks
-    )
+
+    def work(kind: str, n: int) -> float:
+        if kind == "prefill":
+            return prefill_work(n) * 1.05
+        if kind == "decode":
+            return decode_work
+        return prefill_work(n) * (0.45 if kind == "compress:gemfilter" else 0.05)
+
+    total_work = prefill_work(max(grid.decode_n_kv)) + sum(work(kind, n) for kind, n, _ in tasks)
     bar = _Progress(progress, total_work, f"profiling ({grid.name})")
     # A full garbage collection of a process holding torch + transformers takes ~0.2 s. Collect once,
     # then freeze the survivors, so the collection before each sample (which keeps a GC pause out of
@@ -558,6 +600,8 @@ def measure(
         with torch.inference_mode():
             # Warm-up: one-off allocations and lazy initialisation must not land in a sample.
             engine.evict(engine.prefill(ids[: min(256, longest)], press=press, capture=True), 0.5)
+            for name in grid.compressors:
+                engine.compressor(name)  # built and warmed once, as a serving engine does before requests
             # The cache every decode sample copies its prefix from: one real prefill of the longest length.
             base_len = max(grid.decode_n_kv) + 1
             base = engine.prefill(ids[:base_len], press=press, capture=False).cache
@@ -566,9 +610,13 @@ def measure(
                 if kind == "prefill":
                     _measure_prefill(engine, grid, press, ids[:n], rep, meter, run, budget)
                     bar.update(prefill_work(n) * 1.05, f"prefill N={n}")
-                else:
+                elif kind == "decode":
                     _measure_decode(engine, grid, press, base, ids, n, rep, meter, run, n_max, budget)
                     bar.update(decode_work, f"decode N_kv={n}")
+                else:
+                    name = kind.split(":", 1)[1]
+                    _measure_compress(engine, grid, name, texts[n], n, rep, meter, run, budget)
+                    bar.update(work(kind, n), f"{name} N={n}")
     finally:
         gc.unfreeze()
         bar.close()
@@ -597,6 +645,25 @@ def _measure_prefill(
     alpha = grid.evict_alphas[rep % len(grid.evict_alphas)]
     ev_seconds, ev_contention, _ = _timed(engine, lambda: engine.evict(state, alpha), meter)
     run.samples.append(_Sample("evict", n, ev_seconds, rep, ev_contention, 0, alpha=alpha, grid_n=n))
+
+
+def _measure_compress(
+    engine: Engine,
+    grid: ProfileGrid,
+    name: str,
+    text: str,
+    grid_n: int,
+    rep: int,
+    meter: ContentionMeter,
+    run: ProfileRun,
+    budget: _WaitBudget,
+) -> None:
+    """One compressor sample: :meth:`Engine.compress` at ρ = 0.5 on real text (what a request pays)."""
+    seconds, contention, retries, out = _with_retries(
+        grid, lambda: _timed(engine, lambda: engine.compress(text, 0.5, name, chat=False), meter), budget
+    )
+    sample = _Sample("compress", out.original_tokens, seconds, rep, contention, retries, grid_n=grid_n, compressor=name)
+    run.samples.append(sample)
 
 
 def _measure_decode(
@@ -694,4 +761,5 @@ __all__ = [
     "profile_engine",
     "profiling_text",
     "prompt_ids",
+    "prompt_text",
 ]

@@ -267,6 +267,9 @@ class Profile:
     report: dict[str, Any] = field(default_factory=dict)
     # Decode set-up cost (moving the kept KV into the decode path's cache) vs kept tokens (optional).
     setup: dict[str, Any] | None = None
+    # Prompt compressors' own cost vs the original prompt length, per compressor name (optional: profiles
+    # made before prompt compression existed have none, and budgeted compression then asks for a re-profile).
+    compressors: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def prefill_fit(self) -> Fit:
         return fit_from_dict(self.prefill)
@@ -280,6 +283,9 @@ class Profile:
     def setup_fit(self) -> Fit | None:
         return None if self.setup is None else fit_from_dict(self.setup)
 
+    def compressor_fits(self) -> dict[str, Fit]:
+        return {name: fit_from_dict(data) for name, data in self.compressors.items()}
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema_version": SCHEMA_VERSION,
@@ -292,6 +298,7 @@ class Profile:
             "created": self.created,
             "report": self.report,
             "setup": self.setup,
+            "compressors": self.compressors,
         }
 
     @classmethod
@@ -327,6 +334,14 @@ class Profile:
         report = data.get("report", {})
         if not isinstance(report, dict):
             raise ProfileError("profile field 'report' must be a JSON object")
+        compressors = data.get("compressors") or {}
+        if not isinstance(compressors, dict):
+            raise ProfileError("profile field 'compressors' must map compressor names to fits")
+        for name, value in compressors.items():
+            try:
+                fit_from_dict(value)
+            except (InvalidInputError, TypeError, AttributeError) as exc:
+                raise ProfileError(f"profile field 'compressors.{name}' is not a valid fit: {exc}") from exc
         return cls(
             key=key,
             prefill=data["prefill"],
@@ -337,6 +352,7 @@ class Profile:
             created=data["created"],
             report=report,
             setup=data.get("setup"),
+            compressors=compressors,
         )
 
 

@@ -42,6 +42,10 @@ class TimeModel(Protocol):
         """Moving the kept KV into the decode path's cache before the first step."""
         ...
 
+    def compress_s(self, compressor: str, n_x: int, recalibrated: bool = True) -> float:
+        """The named prompt compressor's own time on an ``n_x``-token prompt."""
+        ...
+
     def e2e_s(self, n_x: int, alpha: float, n_tokens: int, press_min_kept: int = 0, recalibrated: bool = True) -> float:
         """Prefill + eviction + decode set-up + decode phase of one request."""
         ...

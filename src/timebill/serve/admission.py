@@ -81,9 +81,13 @@ class Admission:
             top_p=1.0 if req.top_p is None else req.top_p,
             seed=req.seed,
             press=req.press,
+            prompt_compression=req.prompt_compression,
+            compressor=req.compressor,
         )
+        if req.question is not None and not req.question.strip():
+            raise InvalidInputError("question is empty; leave it out to use the prompt's last line or user turn")
         endpoint = "chat" if chat else "completions"
-        return RequestSpec(prompt, chat, budget_s, req.stream, options, endpoint)
+        return RequestSpec(prompt, chat, budget_s, req.stream, options, endpoint, question=req.question)
 
     def admit(self, spec: RequestSpec, arrival: float) -> Job:
         """Predict, plan against what the queue leaves of the budget, and queue, or raise RejectedError."""
@@ -93,7 +97,9 @@ class Admission:
         now = time.perf_counter()
         backlog = self.queue.backlog_s(deadline, now)
         try:  # the prefill alone must fit what the queue leaves: checked before paying for a prediction
-            prediction = tb.predict_length(spec.prompt, chat=spec.chat, time_budget=deadline - now - backlog)
+            prediction = tb.predict_length(
+                spec.prompt, chat=spec.chat, time_budget=deadline - now - backlog, options=opts
+            )
         except InfeasibleBudgetError as exc:
             # No prediction was made, so the hint plans for the longest answer: a budget that surely fits.
             longest = ConstantPrediction(float(opts.max_new_tokens))  # upper(δ) = the point: "runs to max_tokens"
@@ -125,7 +131,7 @@ class Admission:
                 stage="admission",
             )
         try:
-            plan = tb.plan(spec.prompt, left, opts, chat=spec.chat, prediction=prediction)
+            plan = tb.plan(spec.prompt, left, opts, chat=spec.chat, prediction=prediction, question=spec.question)
         except InfeasibleBudgetError as exc:  # prefill alone: only possible at the edge of min_need_s
             raise RejectedError(str(exc), elapsed + backlog + min_need_s, "admission") from exc
         if not plan.feasible:  # the online recalibration moved between the two plans: rare, and a refusal

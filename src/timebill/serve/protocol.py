@@ -1,7 +1,8 @@
 """The HTTP API's request schemas (pydantic) and what a validated request becomes: a :class:`RequestSpec`.
 
 No FastAPI and no torch here: the OpenAI request shapes plus TimeBill's extra fields (``time_budget`` or
-``time_budget_ms``, ``k``, ``alpha_max``, ``bound``, ``press``), and the constants the other modules share.
+``time_budget_ms``, ``k``, ``alpha_max``, ``bound``, ``press``, and prompt compression: ``prompt_compression``
+(ρ), ``compressor``, ``question``), and the constants the other modules share.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ class BudgetedRequest(BaseModel):
     alpha_max: float | None = None
     bound: str | None = None
     press: str | None = None
+    prompt_compression: float | None = None  # ρ: fraction of the prompt's tokens removed before prefill
+    compressor: str | None = None
+    question: str | None = None  # the part of the prompt that is the request (default: last user turn / line)
 
 
 class ChatCompletionRequest(BudgetedRequest):
@@ -74,6 +78,8 @@ class RequestSpec:
     stream: bool
     options: RequestOptions
     endpoint: str = "chat"  # chat | completions (metrics labels)
+    # Per prompt, not a request option: what prompt compression keeps and scores chunks against.
+    question: str | None = None
 
 
 class RejectedError(TimeBillError):

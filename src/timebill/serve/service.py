@@ -97,6 +97,7 @@ class Service:
                 spec.budget_s,
                 spec.options,
                 chat=spec.chat,
+                question=spec.question,
                 t_start=job.arrival,
                 prediction=payload.prediction,
                 on_plan=lambda plan: self._emit(job, "plan", plan),

@@ -19,10 +19,20 @@ from timebill.serve.protocol import FINISH_REASONS, RejectedError
 from timebill.serve.queue import Job
 from timebill.serve.service import Service
 
+#: What prompt compression did (the generation's fields), lifted into the ``timebill`` object, which leaves
+#: the generation record out: a client that asked for ρ can see what it got without the per-token lists.
+COMPRESSION_FIELDS = ("original_prompt_tokens", "prompt_compression", "compressor", "compress_s")
+
 
 def timebill_info(result: TimeBillResult) -> dict[str, Any]:
     """The ``timebill`` object of a response: the plan and what was measured (no text, no per-token lists)."""
-    return {k: v for k, v in result.to_record().items() if k not in ("text", "generation")}
+    record = result.to_record()
+    info = {k: v for k, v in record.items() if k not in ("text", "generation")}
+    generation = record.get("generation") or {}
+    if generation.get("original_prompt_tokens") is not None:  # compressed: say how much, and at what cost
+        for name in COMPRESSION_FIELDS:
+            info.setdefault(name, generation.get(name))
+    return info
 
 
 def usage(result: TimeBillResult, stop_ids: set[int]) -> dict[str, int]:
