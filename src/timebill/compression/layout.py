@@ -29,8 +29,9 @@ MAX_CHUNK_CHARS = 400
 #: last sentence.
 MAX_DEFAULT_QUERY_CHARS = 300
 
-# A piece ends after a newline, or after sentence punctuation (and closing quotes/brackets) plus spaces.
-_BOUNDARY = re.compile(r"\n|(?<=[.!?])[\"')\]]*[ \t]+")
+# A piece ends after a newline, or after sentence punctuation (and closing quotes/brackets), before the
+# spaces: this tokenizer attaches a space to the next word (" Fishing"), so the next piece starts there.
+_BOUNDARY = re.compile(r"\n|(?<=[.!?])[\"')\]]*(?=[ \t])")
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class PromptLayout:
 # ------------------------------------------------------------------------------------------ chunking
 def split_pieces(text: str, start: int, end: int) -> list[tuple[int, int]]:
     """Character spans of the sentences/lines of ``text[start:end]`` (short ones merged, long ones split)."""
-    cuts = [m.end() + start for m in _BOUNDARY.finditer(text, start, end)]
+    cuts = [m.end() for m in _BOUNDARY.finditer(text, start, end)]  # finditer(pos=) gives absolute offsets
     spans: list[tuple[int, int]] = []
     begin = start
     for cut in [*cuts, end]:
@@ -117,6 +118,8 @@ def default_query_span(text: str, start: int, end: int) -> tuple[int, int]:
         boundaries = [m.end() for m in _BOUNDARY.finditer(text, line_start, stripped_end - 1)]
         if boundaries:
             line_start = boundaries[-1]
+            while line_start < stripped_end and text[line_start].isspace():
+                line_start += 1
     if stripped_end - line_start > MAX_DEFAULT_QUERY_CHARS:  # one long sentence: its last words
         cut = text.find(" ", stripped_end - MAX_DEFAULT_QUERY_CHARS, stripped_end)
         line_start = cut + 1 if cut >= 0 else stripped_end - MAX_DEFAULT_QUERY_CHARS
