@@ -26,7 +26,13 @@ _spec.loader.exec_module(pc)
 
 def _task(kind: str, i: int, tokens: int) -> Task:
     return Task(
-        id=f"{kind}-{i}", kind=kind, metric="qa_f1", prompt="p", references=("a",), max_new_tokens=32, prompt_tokens=tokens
+        id=f"{kind}-{i}",
+        kind=kind,
+        metric="qa_f1",
+        prompt="p",
+        references=("a",),
+        max_new_tokens=32,
+        prompt_tokens=tokens,
     )
 
 
@@ -88,7 +94,8 @@ def test_flag_parsing_refuses_bad_values() -> None:
         pc.parse_rhos("1.0")
     with pytest.raises(InvalidInputError, match="unknown"):
         pc.parse_compressors("bm25,zip")
-    assert pc.max_new_tokens(_task("chat", 0, 900) if False else Task("c", "chat", "rouge_l", "p", ("a",), 512), 128) == 128
+    chat, retrieval = Task("c", "chat", "rouge_l", "p", ("a",), 512), _task("retrieval", 0, 900)
+    assert pc.max_new_tokens(chat, 128) == 128 and pc.max_new_tokens(retrieval, 16) == 32  # only chat is capped
 
 
 def test_runs_file_drops_a_torn_last_line_and_refuses_damage_elsewhere(tmp_path: Path) -> None:
