@@ -50,7 +50,7 @@ from timebill.bench.suite import Task, default_suite_path, read_suite
 from timebill.cpulock import holding
 from timebill.errors import InvalidInputError, TimeBillError
 from timebill.options import COMPRESSOR_NAMES, check_prompt_compression
-from timebill.paths import write_bytes_atomically
+from timebill.paths import finite_or_none, write_bytes_atomically
 from timebill.progress import progress_bar
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -205,20 +205,9 @@ def append_run(path: Path, record: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def finite(data: Any) -> Any:
-    """``data`` with every NaN/inf float as None, so the file is standard JSON (a missing number is null)."""
-    if isinstance(data, float):
-        return data if math.isfinite(data) else None
-    if isinstance(data, dict):
-        return {k: finite(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [finite(v) for v in data]
-    return data
-
-
 def write_json_atomically(path: Path, data: Any) -> None:
     """``data`` as indented JSON, replacing ``path`` atomically (temp file + rename)."""
-    text = json.dumps(finite(data), indent=2, ensure_ascii=False, sort_keys=True, allow_nan=False)
+    text = json.dumps(finite_or_none(data), indent=2, ensure_ascii=False, sort_keys=True, allow_nan=False)
     write_bytes_atomically(path, (text + "\n").encode())
 
 

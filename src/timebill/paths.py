@@ -8,9 +8,11 @@ machines or read-only home directories need a way to put the cache elsewhere.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import platformdirs
 
@@ -37,6 +39,17 @@ def fsync_dir(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def finite_or_none(value: Any) -> Any:
+    """Copy of a JSON-like value with every non-finite float as None (standard JSON: a missing number is null)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
 
 
 def write_bytes_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:

@@ -151,3 +151,11 @@ def positional_scores(layout: PromptLayout) -> np.ndarray:
     first, last = layout.chunks[0].start, layout.chunks[-1].end
     middle = np.array([(c.start + c.end) / 2 for c in layout.chunks])
     return -np.minimum(middle - first, last - middle)
+
+
+def with_tie_breaker(scores: np.ndarray, layout: PromptLayout, weight: float) -> np.ndarray:
+    """``scores`` plus ``weight`` × head-and-tail order scaled to [0, 1]: chunks a compressor cannot tell
+    apart go the way ``truncate`` would send them (``weight`` is far below a real score difference)."""
+    position = positional_scores(layout)
+    span = max(float(np.ptp(position)), 1.0) if position.size else 1.0
+    return scores + weight * (position - (position.min() if position.size else 0.0)) / span

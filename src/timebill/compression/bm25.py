@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from timebill.compression.base import Compressor, positional_scores
+from timebill.compression.base import Compressor, with_tie_breaker
 from timebill.compression.layout import PromptLayout
 
 _WORD = re.compile(r"[a-z0-9]+")
@@ -55,7 +55,4 @@ class BM25Compressor(Compressor):
             idf = np.log((len(chunks) - df + 0.5) / (df + 0.5) + 1.0)
             norm = self.k1 * (1 - self.b + self.b * lengths / lengths.mean())
             bm25 = (tf * (self.k1 + 1) / (tf + norm[:, None]) * idf).sum(axis=1)
-        # Chunks BM25 cannot tell apart fall back to head-and-tail order (a tiny tie-breaker).
-        position = positional_scores(layout)
-        span = max(float(np.ptp(position)), 1.0)
-        return bm25 + 1e-3 * (position - position.min()) / span
+        return with_tie_breaker(bm25, layout, 1e-3)

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from timebill.compression.base import Compressor, positional_scores
+from timebill.compression.base import Compressor, with_tie_breaker
 from timebill.compression.layout import PromptLayout
 
 CHUNK_MAX_TOKENS = 128
@@ -47,6 +47,4 @@ class EmbeddingCompressor(Compressor):
         for i in range(0, len(order), BATCH):
             batch = order[i : i + BATCH]
             sims[batch] = encoder.encode([texts[j] for j in batch]) @ query
-        position = positional_scores(layout)
-        span = max(float(np.ptp(position)), 1.0)
-        return sims + 1e-4 * (position - position.min()) / span
+        return with_tie_breaker(sims, layout, 1e-4)

@@ -29,7 +29,8 @@ from timebill.estimator.fit import (
     split_holdout,
 )
 from timebill.estimator.flops import ModelShape, flops_coefficients
-from timebill.estimator.store import Profile, ProfileKey, _finite_or_none, device_string, list_profiles
+from timebill.estimator.store import Profile, ProfileKey, device_string, list_profiles
+from timebill.paths import finite_or_none
 
 if TYPE_CHECKING:
     from timebill.engine import Engine
@@ -293,7 +294,7 @@ def fit_profile(key: ProfileKey, measurements: dict[str, Any], shape: ModelShape
         eviction=None if evict_fit is None else evict_fit.to_dict(),
         measurements=measurements,
         noise=noise,
-        report=_finite_or_none(report),  # diagnostics: an undefined MAPE is null, not inf
+        report=finite_or_none(report),  # diagnostics: an undefined MAPE is null, not inf
         setup=None if setup_fit is None else setup_fit.to_dict(),
         compressors=compressor_fits,
     )

@@ -19,7 +19,6 @@ import hashlib
 import importlib.metadata
 import json
 import logging
-import math
 import os
 import platform
 import re
@@ -30,7 +29,7 @@ from typing import Any
 
 from timebill.errors import InvalidInputError, ProfileError
 from timebill.estimator.fit import Fit, fit_from_dict
-from timebill.paths import cache_dir, fsync_dir
+from timebill.paths import cache_dir, finite_or_none, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -384,17 +383,6 @@ def list_profiles(directory: str | os.PathLike[str] | None = None) -> list[tuple
     return found
 
 
-def _finite_or_none(value: Any) -> Any:
-    """Copy of a JSON-like value with every non-finite float replaced by None."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(v) for v in value]
-    return value
-
-
 def save_profile(profile: Profile, path: str | os.PathLike[str] | None = None) -> Path:
     """Write ``profile`` as JSON atomically and return the path.
 
@@ -407,7 +395,7 @@ def save_profile(profile: Profile, path: str | os.PathLike[str] | None = None) -
     # The report is diagnostics (e.g. a leave-one-out MAPE that is infinite on a grid too small to
     # leave a point out): store non-finite numbers there as null. Fits and measurements stay strict.
     if isinstance(data.get("report"), dict):
-        data["report"] = _finite_or_none(data["report"])
+        data["report"] = finite_or_none(data["report"])
     try:
         text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as exc:
