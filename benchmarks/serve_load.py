@@ -15,6 +15,12 @@ and client-measured wall time), the rejection rate and throughput.
     flock /tmp/timebill-cpu.lock python benchmarks/serve_load.py --out docs/results/serve_load.txt
     python benchmarks/serve_load.py --predictor constant:64 --clients 4 --duration-s 30   # smoke
 
+``--targets single,ray-default,ray-deadline`` runs the same load, one after another in one run, against the
+single-node server (1 replica × ``--threads``), Ray Serve with its default router (``--replicas`` replicas ×
+``--replica-threads``) and Ray Serve with TimeBill's deadline-aware router (same shape), and adds a comparison
+table: goodput (answers within their deadline per second), 429 rate, misses, lost, e2e − budget. Ray targets
+need the ``[ray]`` extra and a profile for ``--replica-threads``.
+
 ``--predictor shipped`` (default) loads the shipped length predictor (``TimeBill.load``);
 ``constant:N`` predicts N tokens for every prompt (a stand-in until the predictor ships). Needs a
 profile for the setup (``timebill profile``). No network beyond 127.0.0.1.
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import socket
 import statistics
@@ -37,9 +44,11 @@ from pathlib import Path
 import httpx
 import uvicorn
 
-from timebill.facade import TimeBill
-from timebill.predictor import ConstantLengthPredictor
+from timebill.estimator.store import cpu_model_name
 from timebill.serve import create_app, load_timebill
+from timebill.serve.cluster import ReplicaConfig, constant_length_predictor
+
+TARGETS = ("single", "ray-default", "ray-deadline")
 
 DOCUMENT = (
     "A robot arm on an assembly line picks a part from a tray, checks it with a camera, and places it "
@@ -61,12 +70,7 @@ MAX_TOKENS = (32, 64, 128)
 CLIENT_SLACK_S = 0.05  # loopback HTTP and JSON between the server's clock and the client's
 
 
-def constant_length_predictor(length: float) -> ConstantLengthPredictor:
-    """The stand-in predictor: the same length for every prompt (a training-set median, say).
-
-    Its upper(δ) is 2·N·(1 + ln(1/δ)/3), a spread that grows as δ shrinks, as a calibrated bound's does.
-    """
-    return ConstantLengthPredictor(length, spread=2.0, log_divisor=3.0)
+__all__ = ["constant_length_predictor", "summarise", "table"]
 
 
 @dataclass
@@ -177,10 +181,10 @@ def _client(
             time.sleep(rng.uniform(0.0, args.think_s))
 
 
-def _start_server(timebill: TimeBill) -> tuple[uvicorn.Server, threading.Thread, str]:
+def _serve(app) -> tuple[uvicorn.Server, threading.Thread, str]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(timebill), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     t0 = time.monotonic()
@@ -191,22 +195,46 @@ def _start_server(timebill: TimeBill) -> tuple[uvicorn.Server, threading.Thread,
     return server, thread, f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
-def _load(args: argparse.Namespace) -> tuple[TimeBill, str]:
+def _config(args: argparse.Namespace, threads: int) -> tuple[ReplicaConfig, str]:
     if args.predictor == "shipped":
-        return load_timebill(threads=args.threads), "shipped (TimeBill.load)"
+        return ReplicaConfig(threads=threads), "shipped (TimeBill.load)"
     if not args.predictor.startswith("constant:"):
         sys.exit(f"--predictor must be 'shipped' or 'constant:N', got {args.predictor!r}")
-    length = float(args.predictor.split(":", 1)[1])
+    used = f"{args.predictor} (stand-in: the shipped predictor was not used)"
+    return ReplicaConfig(threads=threads, predictor=args.predictor), used
 
-    def loader() -> TimeBill:
-        from timebill.engine import Engine
-        from timebill.estimator import ExecutionTimeEstimator
 
-        engine = Engine.load(None, threads=args.threads)
-        estimator = ExecutionTimeEstimator.for_engine(engine)
-        return TimeBill(engine, estimator, constant_length_predictor(length), arrangement="sequential")
+class _Target:
+    """One server under test: started, loaded, and torn down again, so targets run one after another."""
 
-    return load_timebill(loader), f"constant:{length:g} (stand-in: the shipped predictor was not used)"
+    def __init__(self, name: str, args: argparse.Namespace) -> None:
+        self.name, self.cluster = name, None
+        if name == "single":
+            config, self.predictor_used = _config(args, args.threads)
+            timebill = load_timebill(loader=config.load)
+            app = create_app(timebill)
+            self.shape = f"1 replica x {args.threads} threads, {timebill.engine.decode_path}"
+        else:
+            from timebill.serve.cluster import create_cluster_app
+
+            config, self.predictor_used = _config(args, args.replica_threads)
+            router = name.removeprefix("ray-")
+            app, self.cluster = create_cluster_app(config, args.replicas, router=router)
+            self.shape = f"Ray Serve, {args.replicas} replicas x {args.replica_threads} thread(s), {router} router"
+        self.server, self.thread, self.base = _serve(app)
+
+    def close(self) -> str:
+        metrics = httpx.get(self.base + "/metrics").text
+        self.server.should_exit = True
+        self.thread.join(30)
+        if self.cluster is not None:
+            import ray
+            from ray import serve
+
+            self.cluster.shutdown()
+            serve.shutdown()
+            ray.shutdown()
+        return metrics
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -226,6 +254,7 @@ def summarise(outcomes: list[Outcome], duration_s: float) -> dict:
     late_unflagged = [o for o in answered if o.deadline_met and o.e2e_s is not None and o.e2e_s > o.budget_s]
     late_flagged = [o for o in answered if o.deadline_met is False]
     client_late = [o for o in answered if o.wall_s > o.budget_s + CLIENT_SLACK_S]
+    in_time = [o for o in answered if o.deadline_met and o.wall_s <= o.budget_s + CLIENT_SLACK_S]
     total = len(outcomes)
     return {
         "requests": total,
@@ -240,6 +269,8 @@ def summarise(outcomes: list[Outcome], duration_s: float) -> dict:
         "wall_minus_budget_p50_s": _pct(wall_over, 0.50),
         "wall_minus_budget_p99_s": _pct(wall_over, 0.99),
         "answered_per_s": len(answered) / duration_s,
+        "goodput_per_s": len(in_time) / duration_s,
+        "completed_in_time_per_s": sum(o.kind == "completed" for o in in_time) / duration_s,
         "tokens_per_s": sum(o.tokens for o in answered) / duration_s,
         "mean_alpha": statistics.fmean(o.alpha for o in answered) if answered else math.nan,
         "mean_queue_wait_s": statistics.fmean(o.waited_s for o in answered) if answered else math.nan,
@@ -277,25 +308,8 @@ def table(summary: dict, by_budget: dict[float, dict], header: str) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--duration-s", type=float, default=300.0, help="stop issuing requests after this")
-    parser.add_argument("--max-requests", type=int, default=5000, help="stop issuing requests after this many")
-    parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0, 8.0, 16.0], help="seconds")
-    parser.add_argument("--stream-share", type=float, default=0.25, help="share of streaming requests")
-    parser.add_argument("--think-s", type=float, default=0.5, help="each client waits U(0, think) between requests")
-    parser.add_argument("--predictor", default="shipped", help="'shipped' or 'constant:N'")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="write the table here (and the raw data as .json)")
-    args = parser.parse_args()
-    if not (1 <= args.clients <= 64 and 0 < args.duration_s <= 3600 and args.max_requests >= 1):
-        sys.exit("need 1 <= --clients <= 64, 0 < --duration-s <= 3600, --max-requests >= 1")
-
-    timebill, predictor_used = _load(args)
-    print(f"length predictor: {predictor_used}", flush=True)
-    server, thread, base = _start_server(timebill)
+def run_load(base: str, args: argparse.Namespace) -> tuple[list[Outcome], float, int]:
+    """The closed-loop clients against ``base`` until the duration or the request count is reached."""
     url = base + "/v1/chat/completions"
     outcomes: list[Outcome] = []
     lock = threading.Lock()
@@ -310,34 +324,96 @@ def main() -> None:
         c.start()
     for c in clients:
         c.join(args.duration_s + max(args.budgets) + 120.0)
-    duration = time.perf_counter() - t0
-    stuck = sum(c.is_alive() for c in clients)
-    metrics = httpx.get(base + "/metrics").text
-    server.should_exit = True
-    thread.join(30)
+    return outcomes, time.perf_counter() - t0, sum(c.is_alive() for c in clients)
 
-    summary = summarise(outcomes, duration)
-    summary["clients_stuck"] = stuck
-    by_budget = {b: summarise([o for o in outcomes if o.budget_s == b], duration) for b in args.budgets}
-    header = (
-        f"serve_load: {args.clients} clients, {duration:.0f} s, budgets {args.budgets} s, "
-        f"max_tokens {list(MAX_TOKENS)}, {args.stream_share:.0%} streamed, predictor {predictor_used}, "
-        f"{timebill.engine.decode_path}, {timebill.engine.threads} threads"
-    )
-    text = table(summary, by_budget, header)
-    print(text)
-    server_lines = [ln for ln in metrics.splitlines() if ln.startswith("timebill_") and "_bucket" not in ln]
-    print("\nserver /metrics:\n" + "\n".join(server_lines))
+
+def comparison(results: dict[str, dict]) -> str:
+    """One row per target; goodput also as a ratio to Ray's default router where both ran."""
+    ref = results.get("ray-default", {}).get("goodput_per_s")
+    lines = [
+        "| target | shape | requests | goodput (in time /s) | completed in time /s | vs ray-default | 429 rate "
+        "| late (flagged / unflagged / client) | lost | e2e − budget p50 / p99 (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in results.items():
+        ratio = f"{s['goodput_per_s'] / ref:.2f}x" if ref else "—"
+        lines.append(
+            f"| {name} | {s['shape']} | {s['requests']} | {s['goodput_per_s']:.3f} "
+            f"| {s['completed_in_time_per_s']:.3f} "
+            f"| {ratio} | {s['rejection_rate']:.1%} | {s['late_flagged']} / {s['late_unflagged']} / {s['client_late']} "
+            f"| {s['lost']} | {s['e2e_minus_budget_p50_s']:+.3f} / {s['e2e_minus_budget_p99_s']:+.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--duration-s", type=float, default=300.0, help="stop issuing requests after this")
+    parser.add_argument("--max-requests", type=int, default=5000, help="stop issuing requests after this many")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0, 8.0, 16.0], help="seconds")
+    parser.add_argument("--stream-share", type=float, default=0.25, help="share of streaming requests")
+    parser.add_argument("--think-s", type=float, default=0.5, help="each client waits U(0, think) between requests")
+    parser.add_argument("--predictor", default="shipped", help="'shipped' or 'constant:N'")
+    parser.add_argument("--threads", type=int, default=2, help="the single-node server's threads")
+    parser.add_argument("--targets", default="single", help=f"comma-separated, of {', '.join(TARGETS)}")
+    parser.add_argument("--replicas", type=int, default=2, help="Ray targets: replicas")
+    parser.add_argument("--replica-threads", type=int, default=1, help="Ray targets: threads per replica")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="write the table here (and the raw data as .json)")
+    args = parser.parse_args()
+    if not (1 <= args.clients <= 64 and 0 < args.duration_s <= 3600 and args.max_requests >= 1):
+        sys.exit("need 1 <= --clients <= 64, 0 < --duration-s <= 3600, --max-requests >= 1")
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if not targets or any(t not in TARGETS for t in targets):
+        sys.exit(f"--targets: comma-separated names of {', '.join(TARGETS)}, got {args.targets!r}")
+
+    host = f"{cpu_model_name()}, {os.cpu_count()} logical CPUs"
+    sections, results = [], {}
+    raw: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "host": host, "targets": {}}
+    failed = False
+    for name in targets:
+        target = _Target(name, args)
+        print(f"[{name}] {target.shape}; length predictor: {target.predictor_used}", flush=True)
+        outcomes, duration, stuck = run_load(target.base, args)
+        metrics = target.close()
+        summary = summarise(outcomes, duration)
+        summary["clients_stuck"], summary["shape"] = stuck, target.shape
+        by_budget = {b: summarise([o for o in outcomes if o.budget_s == b], duration) for b in args.budgets}
+        header = (
+            f"serve_load [{name}]: {target.shape}; {args.clients} clients, {duration:.0f} s, budgets {args.budgets} s, "
+            f"max_tokens {list(MAX_TOKENS)}, {args.stream_share:.0%} streamed, predictor {target.predictor_used}; "
+            f"host {host}"
+        )
+        text = table(summary, by_budget, header)
+        server_lines = [ln for ln in metrics.splitlines() if ln.startswith("timebill_") and "_bucket" not in ln]
+        section = text + "\n\nserver /metrics:\n" + "\n".join(server_lines)
+        print(section, flush=True)
+        sections.append(section)
+        results[name] = summary
+        raw["targets"][name] = {
+            "summary": summary,
+            "by_budget": {str(b): s for b, s in by_budget.items()},
+            "outcomes": [asdict(o) for o in outcomes],
+        }
+        failed = failed or bool(summary["lost"] or summary["late_unflagged"] or stuck)
+    report = "\n\n".join(sections)
+    if len(targets) > 1:
+        report = f"## Comparison (host {host})\n\n" + comparison(results) + "\n\n" + report
+        print("\n" + comparison(results))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n\nserver /metrics:\n" + "\n".join(server_lines) + "\n")
-        raw = {"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary}
-        raw["by_budget"] = {str(b): s for b, s in by_budget.items()}
-        raw["outcomes"] = [asdict(o) for o in outcomes]
-        args.out.with_suffix(".json").write_text(json.dumps(raw, indent=1))
+        _write_atomic(args.out, report + "\n")
+        _write_atomic(args.out.with_suffix(".json"), json.dumps(raw, indent=1))
         print(f"\nwrote {args.out} and {args.out.with_suffix('.json')}")
-    if summary["lost"] or summary["late_unflagged"] or stuck:
+    if failed:
         sys.exit(1)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

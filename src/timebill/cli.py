@@ -238,24 +238,60 @@ def serve(
     default_budget: Annotated[
         float, typer.Option("--default-budget", help="Budget (s) of a request that names no time_budget.")
     ] = 10.0,
+    replicas: Annotated[
+        int | None,
+        typer.Option(
+            help="Serve with N TimeBill replicas on Ray Serve (pip install -e '.[ray]'); "
+            "--threads is then per replica (default: cores / N)."
+        ),
+    ] = None,
+    address: Annotated[
+        str | None, typer.Option(help="With --replicas: an existing Ray cluster (default: start Ray here).")
+    ] = None,
+    router: Annotated[
+        str, typer.Option(help="With --replicas: deadline (plan on every replica) or default (Ray's own).")
+    ] = "deadline",
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve an OpenAI-compatible HTTP API with per-request time budgets (POST /v1/chat/completions, ...)."""
     from timebill.facade import parse_budget
 
+    cluster = None
     try:
         if not 0 < port < 65536:
             raise InvalidInputError(f"--port must be in 1..65535, got {port}")
         parse_budget(default_budget)
-        from timebill.serve import create_app, load_timebill
+        if replicas is None:
+            if address is not None:
+                raise InvalidInputError("--address needs --replicas (it names the Ray cluster to serve on)")
+            from timebill.serve import create_app, load_timebill
 
-        tb = load_timebill(model=model, threads=threads, weights=weights, profile=profile, predictor=predictor)
+            tb = load_timebill(model=model, threads=threads, weights=weights, profile=profile, predictor=predictor)
+            web = create_app(tb, default_budget_s=default_budget)
+        else:
+            from timebill.serve.cluster import ReplicaConfig, create_cluster_app, threads_per_replica
+
+            if replicas < 1:
+                raise InvalidInputError(f"--replicas must be >= 1, got {replicas}")
+            config = ReplicaConfig(
+                model=model,
+                threads=threads_per_replica(replicas, threads),
+                weights=weights,
+                profile=profile,
+                predictor=predictor,
+                default_budget_s=default_budget,
+            )
+            web, cluster = create_cluster_app(config, replicas, router=router, address=address)
     except TimeBillError as exc:
         _fail(exc)
         return
     import uvicorn
 
-    uvicorn.run(create_app(tb, default_budget_s=default_budget), host=host, port=port, log_level=log_level)
+    try:
+        uvicorn.run(web, host=host, port=port, log_level=log_level)
+    finally:
+        if cluster is not None:
+            cluster.shutdown()
 
 
 rlp_app = typer.Typer(no_args_is_help=True, help="Response-length predictor: data and labels.")

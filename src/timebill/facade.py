@@ -161,6 +161,18 @@ class LeastTime:
 
 
 @dataclass(frozen=True)
+class PlanInputs:
+    """A request in the planner's terms before any budget is known: what a router needs to plan it on
+    several replicas (each with its own time model) without the model."""
+
+    n_x: int
+    n_hat: float
+    n_worst: int
+    overhead_s: float
+    options: RequestOptions
+
+
+@dataclass(frozen=True)
 class Replan:
     """One mid-decode re-plan: before ``token``, ``extra_alpha`` more of the prompt KV was evicted."""
 
@@ -464,9 +476,41 @@ class TimeBill:
         """
         prep = self._prepare(prompt, self.request_options(options), chat, None, compress=False)
         if time_budget is not None:
-            with self._estimator_lock:
-                self._check_prefill_fits(prep.n_x, max(float(time_budget), 0.0), extra_s=prep.predicted_compress_s)
+            self._check_prepared_fits(prep, time_budget)
         return self.predictor.predict(prep.text)
+
+    def time_coefficients(self) -> planner.TimeCoefficients:
+        """The planner's time model now (recalibrated): what a replica publishes to a router."""
+        with self._estimator_lock:
+            return self.estimator.coefficients()
+
+    def check_prefill_fits(
+        self, prompt: Prompt, time_budget: float, options: RequestOptions | None = None, *, chat: bool = True
+    ) -> None:
+        """:class:`InfeasibleBudgetError` when the prefill alone (and any compressor) cannot fit ``time_budget``
+        seconds (≤ 0 allowed): the check :meth:`predict_length` makes, for a prediction made elsewhere."""
+        self._check_prepared_fits(self._prepare(prompt, self.request_options(options), chat, None, False), time_budget)
+
+    def _check_prepared_fits(self, prep: _Prepared, time_budget: float) -> None:
+        with self._estimator_lock:
+            self._check_prefill_fits(prep.n_x, max(float(time_budget), 0.0), extra_s=prep.predicted_compress_s)
+
+    def plan_inputs(
+        self,
+        prompt: Prompt,
+        options: RequestOptions | None = None,
+        *,
+        prediction: LengthPredictionLike,
+        chat: bool = True,
+    ) -> PlanInputs:
+        """The request in the planner's terms (prompt tokens at the compressor's target, N̂, the worst case,
+        the overhead reserved before decode, the compressor's predicted cost included); no model run."""
+        opts = self.request_options(options)
+        prep = self._prepare(prompt, opts, chat, None, compress=False)
+        n_hat, n_worst = self._n_worst(prediction, opts)
+        with self._estimator_lock:
+            overhead = self._overhead_s(prep.n_x, n_worst) + prep.predicted_compress_s
+        return PlanInputs(prep.n_x, n_hat, n_worst, overhead, opts)
 
     def least_time(
         self,
@@ -483,19 +527,16 @@ class TimeBill:
         compression the prompt counts at the compressor's token target and its predicted cost is added (the
         compressor itself does not run here).
         """
-        opts = self.request_options(options, **overrides)
-        prep = self._prepare(prompt, opts, chat, None, compress=False)
-        n_x = prep.n_x
-        _, n_worst = self._n_worst(prediction, opts)
+        inputs = self.plan_inputs(prompt, self.request_options(options, **overrides), prediction=prediction, chat=chat)
         with self._estimator_lock:
             seconds = planner.least_time_s(
                 self.estimator.coefficients(),
-                n_x,
-                n_worst,
-                alpha_max=opts.alpha_max,
-                overhead_s=self._overhead_s(n_x, n_worst) + prep.predicted_compress_s,
+                inputs.n_x,
+                inputs.n_worst,
+                alpha_max=inputs.options.alpha_max,
+                overhead_s=inputs.overhead_s,
             )
-            return LeastTime(n_x, n_worst, self.estimator.prefill_s(n_x), seconds)
+            return LeastTime(inputs.n_x, inputs.n_worst, self.estimator.prefill_s(inputs.n_x), seconds)
 
     def plan(
         self,

@@ -403,15 +403,15 @@ def run_benchmark(
             progress.write(f"budget-independent runs: {len(trace_todo)} to do ({names})", log)
         execute(trace_todo)
         if budgets is None:
-            if budget_methods:
-                vanilla = records["vanilla"]
-                e2e = [vanilla[k]["e2e_s"] for k in (run_key("vanilla", t.id, None) for t in tasks) if k in vanilla]
-                if len(e2e) < len(tasks):
-                    raise BenchError("vanilla has not run on every task yet, so no budgets can be chosen; run first")
+            vanilla = records.get("vanilla", {})
+            e2e = [vanilla[k]["e2e_s"] for k in (run_key("vanilla", t.id, None) for t in tasks) if k in vanilla]
+            if len(e2e) == len(tasks):  # the budget-independent methods are scored at these budgets too
                 budgets, note = choose_budgets(e2e, options.n_budgets)
                 progress.write(note, log)
+            elif budget_methods:
+                raise BenchError("vanilla has not run on every task yet, so no budgets can be chosen; run first")
             else:
-                budgets, note = [], "No budgeted methods were run."
+                budgets, note = [], "No budgeted methods were run, and vanilla did not run on every task."
         if options.run_missing or not manifest.get("budgets"):
             manifest.update(budgets=budgets, budget_note=note, budget_selection=selection)
             save_manifest(out, manifest)

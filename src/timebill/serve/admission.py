@@ -12,7 +12,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from timebill.errors import InfeasibleBudgetError, InvalidInputError
+from timebill.errors import InfeasibleBudgetError, InvalidInputError, TimeBillError
 from timebill.facade import LengthPredictionLike, Prompt, RequestPlan, TimeBill, parse_budget
 from timebill.predictor.constant import ConstantPrediction
 from timebill.serve.protocol import DEFAULT_MAX_TOKENS, BudgetedRequest, RejectedError, RequestSpec
@@ -32,7 +32,10 @@ class JobPayload:
 class Admission:
     """Maps requests onto the facade's terms and decides, before any generation, whether each can be served."""
 
-    def __init__(self, timebill: TimeBill, queue: EDFQueue, default_budget_s: float, max_budget_s: float) -> None:
+    def __init__(
+        self, timebill: TimeBill, queue: EDFQueue | None, default_budget_s: float, max_budget_s: float
+    ) -> None:
+        """``queue`` None: :meth:`spec` only (a front door whose queues are on replicas)."""
         self.timebill = timebill
         self.queue = queue
         self.default_budget_s = default_budget_s
@@ -89,17 +92,23 @@ class Admission:
         endpoint = "chat" if chat else "completions"
         return RequestSpec(prompt, chat, budget_s, req.stream, options, endpoint, question=req.question)
 
-    def admit(self, spec: RequestSpec, arrival: float) -> Job:
-        """Predict, plan against what the queue leaves of the budget, and queue, or raise RejectedError."""
+    def admit(self, spec: RequestSpec, arrival: float, prediction: LengthPredictionLike | None = None) -> Job:
+        """Predict (unless a router already did: ``prediction``), plan against what the queue leaves of the
+        budget, and queue, or raise RejectedError."""
         tb = self.timebill
         opts = spec.options
+        if self.queue is None:
+            raise TimeBillError("this Admission has no queue to admit to")
         deadline = arrival + spec.budget_s
         now = time.perf_counter()
         backlog = self.queue.backlog_s(deadline, now)
         try:  # the prefill alone must fit what the queue leaves: checked before paying for a prediction
-            prediction = tb.predict_length(
-                spec.prompt, chat=spec.chat, time_budget=deadline - now - backlog, options=opts
-            )
+            if prediction is None:
+                prediction = tb.predict_length(
+                    spec.prompt, chat=spec.chat, time_budget=deadline - now - backlog, options=opts
+                )
+            else:
+                tb.check_prefill_fits(spec.prompt, deadline - now - backlog, opts, chat=spec.chat)
         except InfeasibleBudgetError as exc:
             # No prediction was made, so the hint plans for the longest answer: a budget that surely fits.
             longest = ConstantPrediction(float(opts.max_new_tokens))  # upper(δ) = the point: "runs to max_tokens"

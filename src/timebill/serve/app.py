@@ -46,18 +46,22 @@ def create_app(
     model_name: str | None = None,
     default_budget_s: float = DEFAULT_BUDGET_S,
     max_budget_s: float = MAX_BUDGET_S,
+    service: Any = None,
 ) -> FastAPI:
     """The FastAPI app serving ``timebill`` (see ``timebill.serve`` for the queue and admission).
 
     ``model_name``: the id reported by ``/v1/models`` and in responses (default: the engine's model id);
     requests may name any model, they are all answered by this one. ``default_budget_s``: the budget of
-    a request that gives none. ``max_budget_s``: larger budgets are refused as mistakes.
+    a request that gives none. ``max_budget_s``: larger budgets are refused as mistakes. ``service``: what
+    answers the requests (default: a single-node :class:`Service` on ``timebill``; ``timebill serve
+    --replicas`` passes a :class:`~timebill.serve.cluster.RoutedService`).
     """
     parse_budget(default_budget_s)
     parse_budget(max_budget_s)
     source = getattr(timebill.engine, "source", None)
     name = model_name or (source.model_id if source is not None else "timebill")
-    service = Service(timebill, name, default_budget_s, max_budget_s)
+    if service is None:
+        service = Service(timebill, name, default_budget_s, max_budget_s)
     engine = timebill.engine
 
     @contextlib.asynccontextmanager

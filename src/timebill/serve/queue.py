@@ -12,9 +12,9 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from timebill.errors import InvalidInputError
 
@@ -122,33 +122,36 @@ class EDFQueue:
         job = self._running
         if job is None or job.started_at is None:
             return 0.0
-        return max(0.0, min(job.started_at + job.expected_s, job.deadline) - now)
+        return running_left_s(job.started_at, job.expected_s, job.deadline, now)
+
+    def _queued_jobs(self) -> list[Job]:
+        """Waiting jobs in the order the worker will take them (deadline, then arrival)."""
+        return [j for _, _, j in sorted(self._heap, key=lambda e: e[:2]) if j.state == QUEUED]
 
     def backlog_s(self, deadline: float, now: float) -> float:
         """Predicted model time before a request with ``deadline`` would start (running + queued due no later)."""
         with self._cond:
-            ahead = [j for _, _, j in self._heap if j.state == QUEUED and j.deadline <= deadline]
-            return self._running_left_s(now) + sum(_capped_expected(j, now) for j in ahead)
+            return backlog_s(self._running_left_s(now), self._queued_jobs(), deadline, now)
 
     def total_backlog_s(self, now: float) -> float:
         """Predicted model time of everything admitted: a request placed after all of it waits this long."""
         return self.backlog_s(math.inf, now)
 
     def slack_after_s(self, deadline: float, now: float) -> float:
-        """How much a new request with ``deadline`` may delay the queued requests due after it.
+        """How much a new request with ``deadline`` may delay the queued requests due after it (see
+        :func:`slack_after_s`)."""
+        with self._cond:
+            return slack_after_s(self._running_left_s(now), self._queued_jobs(), deadline, now)
 
-        For each of them: its latest start minus its predicted start today; the smallest of these (inf if
-        none) is what a newcomer's expected time must not exceed.
+    def snapshot(self, now: float) -> tuple[float, list[tuple[float, float, float]]]:
+        """What this queue has promised, in seconds from ``now`` (clock-free, so another process can use it):
+        the running request's predicted time left, and ``(deadline, expected_s, min_need_s)`` per queued one.
+
+        A replica publishes this for a router that plans requests against several queues.
         """
         with self._cond:
-            queued = sorted((d, s, j) for d, s, j in self._heap if j.state == QUEUED)
-            start = now + self._running_left_s(now)
-            slack = math.inf
-            for d, _, job in queued:
-                if d > deadline:
-                    slack = min(slack, job.latest_start - start)
-                start += _capped_expected(job, start)
-            return slack
+            queued = [(j.deadline - now, j.expected_s, j.min_need_s) for j in self._queued_jobs()]
+            return self._running_left_s(now), queued
 
     def _next(self) -> Job | None:
         with self._cond:
@@ -179,6 +182,40 @@ class EDFQueue:
                     self._running = None
 
 
-def _capped_expected(job: Job, start: float) -> float:
+class Commitment(Protocol):
+    """What the time arithmetic needs of an admitted request (a :class:`Job`, or a router's ledger entry)."""
+
+    deadline: float
+    expected_s: float
+    min_need_s: float
+
+
+def running_left_s(started_at: float, expected_s: float, deadline: float, now: float) -> float:
+    """Predicted time the running request still holds the model: never past its deadline (the guard stops it)."""
+    return max(0.0, min(started_at + expected_s, deadline) - now)
+
+
+def _capped_expected(job: Commitment, start: float) -> float:
     """A job's expected model time if it starts at ``start``: never past its deadline (the guard stops it)."""
     return max(0.0, min(job.expected_s, job.deadline - start))
+
+
+def backlog_s(running_left: float, queued: Iterable[Commitment], deadline: float, now: float) -> float:
+    """Predicted model time before a request with ``deadline`` would start on one EDF worker: what the
+    running request has left plus the queued requests due no later (each capped at its own deadline)."""
+    return running_left + sum(_capped_expected(j, now) for j in queued if j.deadline <= deadline)
+
+
+def slack_after_s(running_left: float, queued: Iterable[Commitment], deadline: float, now: float) -> float:
+    """How much a new request with ``deadline`` may delay the queued requests due after it.
+
+    For each of them: its latest start (deadline − min_need_s) minus its predicted start today; the smallest
+    of these (inf if none) is what a newcomer's expected time must not exceed.
+    """
+    start = now + running_left
+    slack = math.inf
+    for job in sorted(queued, key=lambda j: j.deadline):
+        if job.deadline > deadline:
+            slack = min(slack, job.deadline - job.min_need_s - start)
+        start += _capped_expected(job, start)
+    return slack

@@ -22,7 +22,7 @@ from fastapi import Request
 
 from timebill.engine import STOP_CANCELLED, STOP_DEADLINE
 from timebill.errors import InfeasibleBudgetError, TimeBillError
-from timebill.facade import TimeBill, TimeBillResult
+from timebill.facade import LengthPredictionLike, TimeBill, TimeBillResult
 from timebill.serve.admission import Admission, JobPayload
 from timebill.serve.metrics import Metrics
 from timebill.serve.protocol import RejectedError, RequestSpec
@@ -62,14 +62,16 @@ class Service:
     def stop(self) -> None:
         self.queue.close()
 
-    async def admit_async(self, spec: RequestSpec, arrival: float) -> Job:
+    async def admit_async(
+        self, spec: RequestSpec, arrival: float, prediction: LengthPredictionLike | None = None
+    ) -> Job:
         """Admission in a short-lived thread, so the event loop never waits on the predictor."""
 
         def serialized() -> Job:
             with self._admission_lock:
-                return self.admission.admit(spec, arrival)
+                return self.admission.admit(spec, arrival, prediction)
 
-        return await _in_fresh_thread(serialized, "timebill-admission")
+        return await in_fresh_thread(serialized, "timebill-admission")
 
     # ------------------------------------------------------------------ running (model worker thread)
     def _emit(self, job: Job, kind: str, value: Any = None) -> None:
@@ -121,7 +123,7 @@ class Service:
                 raise
             return
         try:
-            self._record(job, result)
+            record_result(self.metrics, result)
         except Exception:  # metrics must never cost an answer
             logger.exception("recording metrics failed")
         self._emit(job, "done", result)
@@ -135,23 +137,6 @@ class Service:
             earliest_feasible_budget_s=waited + job.min_need_s,
             stage="queued",
         )
-
-    def _record(self, job: Job, result: TimeBillResult) -> None:
-        m = self.metrics
-        m.inc("timebill_requests_completed_total", stop_reason=result.stop_reason)
-        if result.stop_reason == STOP_CANCELLED:
-            m.inc("timebill_requests_cancelled_total")
-            return
-        m.inc("timebill_deadline_met_total" if result.deadline_met else "timebill_deadline_missed_total")
-        if result.stop_reason == STOP_DEADLINE:
-            m.inc("timebill_guard_stops_total")
-        m.inc("timebill_queue_wait_seconds_total", result.waited_s)
-        m.observe(
-            "timebill_time_error_seconds", result.measured_prefill_s - result.plan.predicted_prefill_s, phase="prefill"
-        )
-        if result.generation.tokens_generated:
-            e2e_error = result.measured_e2e_s - result.waited_s - result.predicted_e2e_s
-            m.observe("timebill_time_error_seconds", e2e_error, phase="e2e")
 
     # ------------------------------------------------------------------ waiting (event loop)
     async def next_event(self, request: Request, job: Job, until_started: bool) -> tuple[str, Any]:
@@ -183,10 +168,28 @@ class Service:
             self.metrics.inc("timebill_requests_cancelled_total")
 
 
+def record_result(m: Metrics, result: TimeBillResult) -> None:
+    """Count a finished request: its stop reason, deadline met or missed, guard stops, time in the queue,
+    and the estimator's errors (prefill, end to end)."""
+    m.inc("timebill_requests_completed_total", stop_reason=result.stop_reason)
+    if result.stop_reason == STOP_CANCELLED:
+        m.inc("timebill_requests_cancelled_total")
+        return
+    m.inc("timebill_deadline_met_total" if result.deadline_met else "timebill_deadline_missed_total")
+    if result.stop_reason == STOP_DEADLINE:
+        m.inc("timebill_guard_stops_total")
+    m.inc("timebill_queue_wait_seconds_total", result.waited_s)
+    prefill_error = result.measured_prefill_s - result.plan.predicted_prefill_s
+    m.observe("timebill_time_error_seconds", prefill_error, phase="prefill")
+    if result.generation.tokens_generated:
+        e2e_error = result.measured_e2e_s - result.waited_s - result.predicted_e2e_s
+        m.observe("timebill_time_error_seconds", e2e_error, phase="e2e")
+
+
 _T = TypeVar("_T")
 
 
-async def _in_fresh_thread(fn: Callable[[], _T], name: str) -> _T:
+async def in_fresh_thread(fn: Callable[[], _T], name: str) -> _T:
     """Run ``fn`` in a new thread that exits afterwards (its torch thread pool, if any, goes with it)."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future = loop.create_future()
