@@ -46,7 +46,7 @@ import uvicorn
 
 from timebill.estimator.store import cpu_model_name
 from timebill.serve import create_app, load_timebill
-from timebill.serve.cluster import ReplicaConfig, constant_length_predictor
+from timebill.serve.cluster import ReplicaConfig
 
 TARGETS = ("single", "ray-default", "ray-deadline")
 
@@ -68,9 +68,6 @@ PROMPTS = (
 )
 MAX_TOKENS = (32, 64, 128)
 CLIENT_SLACK_S = 0.05  # loopback HTTP and JSON between the server's clock and the client's
-
-
-__all__ = ["constant_length_predictor", "summarise", "table"]
 
 
 @dataclass

@@ -9,8 +9,6 @@ count), so the cores are oversubscribed: the tests check behaviour, never speed.
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -21,8 +19,7 @@ import pytest
 
 pytest.importorskip("ray.serve", reason="the [ray] extra is not installed")
 
-import uvicorn  # noqa: E402
-
+from http_server import serving  # noqa: E402
 from timebill.estimator.store import save_profile  # noqa: E402
 from timebill.serve.cluster import DeadlineRouter, ReplicaConfig, create_cluster_app  # noqa: E402
 
@@ -37,26 +34,13 @@ def cluster(engine, estimator, tmp_path_factory) -> Iterator[SimpleNamespace]:
     profile = save_profile(estimator.profile, tmp_path_factory.mktemp("cluster") / "profile.json")
     config = ReplicaConfig(threads=2, profile=str(profile), predictor="constant:24", default_budget_s=30.0)
     app, cl = create_cluster_app(config, 2, router="deadline", num_cpus=4)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not srv.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    base = f"http://127.0.0.1:{port}"
-    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
     router = DeadlineRouter.for_deployment()
     assert router is not None
     try:
-        yield SimpleNamespace(base=base, client=client, cluster=cl, router=router)
+        with serving(app) as base:
+            client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+            yield SimpleNamespace(base=base, client=client, cluster=cl, router=router)
     finally:
-        srv.should_exit = True
-        thread.join(30)
-        sock.close()
         cl.shutdown()
         serve.shutdown()
         ray.shutdown()
@@ -132,3 +116,31 @@ def test_a_replica_that_dies_mid_run_answers_with_an_error_and_is_routed_around(
     assert resp.choices[0].message.content.strip()  # served by the survivor (or the replacement)
     text = httpx.get(cluster.base + "/metrics").text
     assert "timebill_requests_failed_total" in text
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--replicas", "0"], "--replicas must be >= 1"),
+        (["--address", "ray://nowhere:10001"], "--address needs --replicas"),
+        (["--replicas", "2", "--router", "fastest"], "--router must be one of deadline, default"),
+    ],
+)
+def test_serve_replicas_bad_options_exit_2_before_anything_starts(args, message) -> None:
+    from typer.testing import CliRunner
+
+    from timebill.cli import app
+
+    result = CliRunner().invoke(app, ["serve", *args])
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_replica_config_and_thread_shares() -> None:
+    from timebill.errors import InvalidInputError
+    from timebill.serve.cluster import threads_per_replica
+
+    assert threads_per_replica(2, cores=2) == 1 and threads_per_replica(3, cores=2) == 1
+    assert threads_per_replica(2, cores=16) == 8 and threads_per_replica(4, threads=3) == 3
+    for bad in ("constant:0", "constant:x", "constant:nan"):
+        with pytest.raises(InvalidInputError, match="constant:N"):
+            ReplicaConfig(predictor=bad).load()

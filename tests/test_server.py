@@ -8,7 +8,6 @@ deliberately slow fake step: ordering does not need the model.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -17,9 +16,9 @@ from types import SimpleNamespace
 import httpx
 import openai
 import pytest
-import uvicorn
 from typer.testing import CliRunner
 
+from http_server import serving
 from length_predictors import ConstantPredictor
 from timebill.errors import PredictorError
 from timebill.facade import TimeBill
@@ -32,22 +31,9 @@ CHAT = [{"role": "user", "content": "Name three colours."}]
 def server(engine, estimator) -> Iterator[SimpleNamespace]:
     estimator.reset_recalibration()
     timebill = TimeBill(engine, estimator, ConstantPredictor(24), arrangement="sequential")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(timebill), log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    base = f"http://127.0.0.1:{port}"
-    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=60)
-    yield SimpleNamespace(base=base, client=client, engine=engine)
-    srv.should_exit = True
-    thread.join(30)
-    sock.close()
+    with serving(create_app(timebill)) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=60)
+        yield SimpleNamespace(base=base, client=client, engine=engine)
 
 
 def _metric(base: str, name: str) -> float:
