@@ -20,7 +20,7 @@ from timebill.serve.routing import (
     Work,
     choose,
     coefficients_from,
-    merge,
+    combine,
     published_work,
     quote,
     route,
@@ -115,8 +115,10 @@ def test_the_view_of_a_queue_snapshot_matches_the_queue_itself() -> None:
     now = 100.0
     for deadline, expected, need in ((104.0, 1.5, 1.0), (102.0, 0.5, 0.4), (110.0, 3.0, 2.0)):
         queue.push(Job(arrival=now, deadline=deadline, expected_s=expected, min_need_s=need))
-    running, queued = queue.snapshot(now)
-    view = ReplicaView("r", COEF, running, tuple(Work(*w) for w in queued))
+    snap = queue.snapshot(now)
+    assert snap["running"] is None and [w[0] for w in snap["queued"]] == [None, None, None]
+    running, queued = published_work(snap, 0.0, lambda key: False)
+    view = ReplicaView("r", COEF, running, queued)
     for deadline in (101.0, 103.0, 105.0, 200.0):
         assert view.backlog_s(deadline - now) == pytest.approx(queue.backlog_s(deadline, now))
         assert view.slack_after_s(deadline - now) == pytest.approx(queue.slack_after_s(deadline, now))
@@ -149,18 +151,26 @@ def test_the_ledger_books_running_and_queued_work_per_replica() -> None:
     assert ledger.counts("a") == (0, 1) and ledger.counts("b") == (0, 0) and len(ledger) == 1
 
 
-def test_merge_takes_the_busier_account_and_published_work_ages() -> None:
+def test_a_view_adds_only_the_published_work_this_router_does_not_know() -> None:
+    clock = FakeClock()
+    ledger = Ledger(clock=clock, forget_after_s=5.0)
+    ledger.reserve("mine", "a", deadline_in_s=9.0, expected_s=2.0, min_need_s=1.0)
+    ledger.reserve("done", "a", deadline_in_s=9.0, expected_s=2.0, min_need_s=1.0)
+    ledger.start("done")
+    ledger.release("done")  # finished; a stale report still shows it running
     stats = {
-        "running_left_s": 2.0,
-        "queued": [[5.0, 1.0, 0.5]],
+        "running": ["done", 1.5],
+        "queued": [["mine", 8.0, 2.0, 1.0], ["other", 5.0, 1.0, 0.5], [None, 6.0, 1.0, 0.5]],
         "coefficients": {"a": 1e-7, "b": 2e-4, "c": 0.01, "p": 2e-5, "q": 0.01},
     }
-    aged = published_work(stats, age_s=0.5)
-    assert aged == (1.5, (Work(4.5, 1.0, 0.5),))
-    assert coefficients_from(stats) == COEF
-    mine = (0.5, ())
-    view = merge("a", COEF, mine, aged)
-    assert view.running_left_s == 1.5 and view.queued == aged[1]  # the replica says it is busier
-    assert merge("a", COEF, (9.0, ()), aged).running_left_s == 9.0
-    assert published_work({}, 0.0) is None and merge("a", COEF, mine, None).running_left_s == 0.5
+    foreign = published_work(stats, age_s=0.5, known=ledger.knows)
+    assert foreign == (0.0, (Work(4.5, 1.0, 0.5), Work(5.5, 1.0, 0.5)))  # not "mine", not the finished one
+    view = combine("a", coefficients_from(stats), ledger.work("a"), foreign)
+    assert view.coefficients == COEF and view.running_left_s == 0.0
+    assert [w.deadline for w in view.queued] == [4.5, 5.5, 9.0]  # EDF order over both accounts
+    clock.t += 6.0  # long after its release, a report of "done" is someone else's
+    assert published_work(stats, 0.0, ledger.knows)[0] == 1.5
+    # a report of another router's running request counts; an unreadable or empty report adds nothing
+    assert published_work({"running": ["x", 2.0], "queued": []}, 0.5, ledger.knows) == (1.5, ())
+    assert published_work({}, 0.0, ledger.knows) == (0.0, ())
     assert coefficients_from({"coefficients": {"a": "x"}}) is None and coefficients_from({}) is None

@@ -92,7 +92,13 @@ class Admission:
         endpoint = "chat" if chat else "completions"
         return RequestSpec(prompt, chat, budget_s, req.stream, options, endpoint, question=req.question)
 
-    def admit(self, spec: RequestSpec, arrival: float, prediction: LengthPredictionLike | None = None) -> Job:
+    def admit(
+        self,
+        spec: RequestSpec,
+        arrival: float,
+        prediction: LengthPredictionLike | None = None,
+        key: str | None = None,
+    ) -> Job:
         """Predict (unless a router already did: ``prediction``), plan against what the queue leaves of the
         budget, and queue, or raise RejectedError."""
         tb = self.timebill
@@ -157,7 +163,7 @@ class Admission:
                 earliest_feasible_budget_s=elapsed + self.queue.total_backlog_s(now) + min_need_s,
                 stage="admission",
             )
-        job = Job(arrival=arrival, deadline=deadline, expected_s=expected, min_need_s=min_need_s)
+        job = Job(arrival=arrival, deadline=deadline, expected_s=expected, min_need_s=min_need_s, key=key)
         job.payload = JobPayload(spec=spec, prediction=prediction, admission_plan=plan, events=asyncio.Queue())
         self.queue.push(job)
         return job

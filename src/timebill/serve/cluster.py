@@ -53,7 +53,7 @@ from timebill.serve.routing import (
     Ledger,
     ReplicaView,
     coefficients_from,
-    merge,
+    combine,
     published_work,
     route,
 )
@@ -196,7 +196,7 @@ class TimeBillReplica:
         gone = routed.elapsed_s + max(0.0, time.time() - routed.sent_at)
         arrival = time.perf_counter() - gone
         try:
-            job = await service.admit_async(routed.spec, arrival, routed.prediction)
+            job = await service.admit_async(routed.spec, arrival, routed.prediction, key=routed.key)
         except RejectedError as exc:
             service.metrics.inc("timebill_requests_rejected_total", stage=exc.stage)
             yield "rejected", (str(exc), exc.earliest_feasible_budget_s, exc.stage)
@@ -227,11 +227,9 @@ class TimeBillReplica:
     def record_routing_stats(self) -> dict[str, Any]:
         """Ray's hook: the time model (recalibrated) and the committed work, for the deadline router."""
         service = self.service
-        running_left, queued = service.queue.snapshot(time.perf_counter())
         return {
             "coefficients": dataclasses.asdict(service.timebill.time_coefficients()),
-            "running_left_s": running_left,
-            "queued": queued,
+            **service.queue.snapshot(time.perf_counter()),
             "reported_at": time.time(),
             "alive": service.queue.alive or not self._started,
         }
@@ -297,7 +295,8 @@ class DeadlineRouter(_request_router_base()):  # type: ignore[misc]
             if stats and not stats.get("alive", True):
                 continue
             age = now_wall - float(stats.get("reported_at", now_wall))
-            views.append(merge(rid, coefficients_from(stats), self.ledger.work(rid), published_work(stats, age)))
+            foreign = published_work(stats, age, self.ledger.knows)
+            views.append(combine(rid, coefficients_from(stats), self.ledger.work(rid), foreign))
         return views
 
     def decide(self, demand: Demand, fallback: Any = None) -> Decision:

@@ -40,6 +40,7 @@ class Job:
     state: str = QUEUED
     started_at: float | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
+    key: str | None = None  # the router's name for it, when a router sent it (see :meth:`EDFQueue.snapshot`)
 
     @property
     def latest_start(self) -> float:
@@ -143,15 +144,18 @@ class EDFQueue:
         with self._cond:
             return slack_after_s(self._running_left_s(now), self._queued_jobs(), deadline, now)
 
-    def snapshot(self, now: float) -> tuple[float, list[tuple[float, float, float]]]:
+    def snapshot(self, now: float) -> dict[str, Any]:
         """What this queue has promised, in seconds from ``now`` (clock-free, so another process can use it):
-        the running request's predicted time left, and ``(deadline, expected_s, min_need_s)`` per queued one.
+        ``running`` = ``[key, predicted time left]`` (or None) and ``queued`` = ``[key, deadline, expected_s,
+        min_need_s]`` per waiting request, ``key`` being the router's name for it (None if no router sent it).
 
         A replica publishes this for a router that plans requests against several queues.
         """
         with self._cond:
-            queued = [(j.deadline - now, j.expected_s, j.min_need_s) for j in self._queued_jobs()]
-            return self._running_left_s(now), queued
+            queued = [[j.key, j.deadline - now, j.expected_s, j.min_need_s] for j in self._queued_jobs()]
+            job = self._running
+            running = None if job is None else [job.key, self._running_left_s(now)]
+            return {"running": running, "queued": queued}
 
     def _next(self) -> Job | None:
         with self._cond:

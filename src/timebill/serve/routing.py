@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from timebill import planner
@@ -208,12 +208,15 @@ class Ledger:
     """What this router has sent to each replica and not yet heard back about (thread-safe).
 
     The router's own book is exact and immediate for the requests that pass through it; a replica's
-    published work (its routing stats) also covers requests from other routers, but arrives late. A view
-    takes whichever of the two commits the replica to more time (:func:`merge`).
+    published work (its routing stats, :func:`published_work`) also holds requests from other routers, but
+    arrives late. A view adds to the book only the published requests this router does not know: neither
+    booked nor released within :attr:`forget_after_s` (a stale report still lists a request that has ended).
     """
 
     clock: object = time.monotonic
+    forget_after_s: float = 10.0
     _entries: dict[str, _Entry] = field(default_factory=dict)
+    _released: dict[str, float] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def reserve(self, key: str, replica_id: str, deadline_in_s: float, expected_s: float, min_need_s: float) -> None:
@@ -228,13 +231,26 @@ class Ledger:
                 entry.started_at = self.clock()  # type: ignore[operator]
 
     def release(self, key: str) -> None:
+        now = self.clock()  # type: ignore[operator]
         with self._lock:
-            self._entries.pop(key, None)
+            if self._entries.pop(key, None) is not None:
+                self._released[key] = now
+            for old in [k for k, t in self._released.items() if now - t > self.forget_after_s]:
+                del self._released[old]
 
     def drop_replica(self, replica_id: str) -> None:
         with self._lock:
             for key in [k for k, e in self._entries.items() if e.replica_id == replica_id]:
                 del self._entries[key]
+
+    def knows(self, key: str | None) -> bool:
+        """Whether ``key`` is booked here or was released lately (so a replica's report of it is old news)."""
+        if key is None:
+            return False
+        now = self.clock()  # type: ignore[operator]
+        with self._lock:
+            released = self._released.get(key)
+            return key in self._entries or (released is not None and now - released <= self.forget_after_s)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -254,38 +270,32 @@ class Ledger:
         running = sum(
             running_left_s(e.started_at, e.expected_s, e.deadline, now) for e in mine if e.started_at is not None
         )
-        queued = tuple(
-            sorted(
-                (Work(e.deadline - now, e.expected_s, e.min_need_s) for e in mine if e.started_at is None),
-                key=lambda w: w.deadline,
-            )
-        )
+        queued = tuple(Work(e.deadline - now, e.expected_s, e.min_need_s) for e in mine if e.started_at is None)
         return running, queued
 
 
-def merge(
+def combine(
     replica_id: str,
     coefficients: TimeCoefficients | None,
-    ledger_work: tuple[float, tuple[Work, ...]],
-    published_work: tuple[float, tuple[Work, ...]] | None,
+    booked: tuple[float, tuple[Work, ...]],
+    foreign: tuple[float, tuple[Work, ...]] = (0.0, ()),
 ) -> ReplicaView:
-    """A replica's view from the router's book and the replica's own (aged) report: the busier of the two."""
-    parts = [ledger_work] + ([published_work] if published_work is not None else [])
-
-    def total(part: tuple[float, tuple[Work, ...]]) -> float:
-        return backlog_s(part[0], part[1], math.inf, 0.0)
-
-    running, queued = max(parts, key=total)
-    return ReplicaView(replica_id, coefficients, running, queued)
+    """A replica's view: this router's book plus the published work it did not send (other front doors)."""
+    queued = tuple(sorted(booked[1] + foreign[1], key=lambda w: w.deadline))
+    return ReplicaView(replica_id, coefficients, booked[0] + foreign[0], queued)
 
 
-def published_work(stats: dict, age_s: float) -> tuple[float, tuple[Work, ...]] | None:
-    """The work in a replica's routing stats (``running_left_s``, ``queued``), aged by ``age_s`` seconds."""
-    if not stats or "queued" not in stats:
-        return None
+def published_work(stats: dict, age_s: float, known: Callable[[str | None], bool]) -> tuple[float, tuple[Work, ...]]:
+    """The work in a replica's routing stats (see ``EDFQueue.snapshot``) that ``known`` does not claim, aged by
+    ``age_s`` seconds (the report's age). Requests no router sent (key None) count: someone sent them."""
     age = max(0.0, age_s)
-    running = max(0.0, float(stats.get("running_left_s", 0.0)) - age)
-    queued = tuple(Work(float(d) - age, float(e), float(m)) for d, e, m in stats["queued"])
+    running = 0.0
+    run = (stats or {}).get("running")
+    if run and not known(run[0]):
+        running = max(0.0, float(run[1]) - age)
+    queued = tuple(
+        Work(float(d) - age, float(e), float(m)) for k, d, e, m in (stats or {}).get("queued", ()) if not known(k)
+    )
     return running, queued
 
 

@@ -63,13 +63,18 @@ class Service:
         self.queue.close()
 
     async def admit_async(
-        self, spec: RequestSpec, arrival: float, prediction: LengthPredictionLike | None = None
+        self,
+        spec: RequestSpec,
+        arrival: float,
+        prediction: LengthPredictionLike | None = None,
+        key: str | None = None,
     ) -> Job:
-        """Admission in a short-lived thread, so the event loop never waits on the predictor."""
+        """Admission in a short-lived thread, so the event loop never waits on the predictor. ``prediction``
+        and ``key``: from a router that predicted the length and names the request (a replica's case)."""
 
         def serialized() -> Job:
             with self._admission_lock:
-                return self.admission.admit(spec, arrival, prediction)
+                return self.admission.admit(spec, arrival, prediction, key)
 
         return await in_fresh_thread(serialized, "timebill-admission")
 
