@@ -597,8 +597,10 @@ class Cluster:
     replica_ids: list[str]
 
     def shutdown(self) -> None:
+        """Delete the deployment (Ray itself keeps running: ``serve.shutdown()``/``ray.shutdown()`` stop it)."""
         from ray import serve
 
+        routing.LIVE_ROUTERS.pop((APP_NAME, DEPLOYMENT_NAME), None)  # a later deployment builds its own
         with contextlib.suppress(Exception):
             serve.delete(APP_NAME)
 
