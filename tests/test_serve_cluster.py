@@ -68,6 +68,13 @@ def test_a_feasible_request_is_answered_with_the_plan(cluster) -> None:
     assert tb["n_hat"] == 24 and tb["n_worst"] == 16 and tb["plan"]["feasible"]
     assert tb["deadline_met"] and 0 < tb["measured_e2e_s"] <= 30.0
     assert len(cluster.router.ledger) == 0  # the booking is released with the answer
+    raw = httpx.post(
+        cluster.base + "/v1/completions",
+        json={"prompt": "Once upon a time", "max_tokens": 8, "time_budget": 30.0},
+        timeout=60,
+    )
+    assert raw.status_code == 200 and raw.json()["choices"][0]["text"]
+    assert raw.json()["timebill"]["plan"]["feasible"]
 
 
 def test_an_infeasible_request_gets_429_before_any_generation(cluster) -> None:
