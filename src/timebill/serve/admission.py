@@ -12,7 +12,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from timebill.errors import InfeasibleBudgetError, InvalidInputError, TimeBillError
+from timebill.errors import InfeasibleBudgetError, InvalidInputError
 from timebill.facade import LengthPredictionLike, Prompt, RequestPlan, TimeBill, parse_budget
 from timebill.predictor.constant import ConstantPrediction
 from timebill.serve.protocol import DEFAULT_MAX_TOKENS, BudgetedRequest, RejectedError, RequestSpec
@@ -29,15 +29,11 @@ class JobPayload:
     events: asyncio.Queue
 
 
-class Admission:
-    """Maps requests onto the facade's terms and decides, before any generation, whether each can be served."""
+class RequestParser:
+    """Maps requests onto the facade's terms (what a front door whose queues are on replicas needs)."""
 
-    def __init__(
-        self, timebill: TimeBill, queue: EDFQueue | None, default_budget_s: float, max_budget_s: float
-    ) -> None:
-        """``queue`` None: :meth:`spec` only (a front door whose queues are on replicas)."""
+    def __init__(self, timebill: TimeBill, default_budget_s: float, max_budget_s: float) -> None:
         self.timebill = timebill
-        self.queue = queue
         self.default_budget_s = default_budget_s
         self.max_budget_s = max_budget_s
 
@@ -92,6 +88,14 @@ class Admission:
         endpoint = "chat" if chat else "completions"
         return RequestSpec(prompt, chat, budget_s, req.stream, options, endpoint, question=req.question)
 
+
+class Admission(RequestParser):
+    """Maps requests onto the facade's terms and decides, before any generation, whether each can be served."""
+
+    def __init__(self, timebill: TimeBill, queue: EDFQueue, default_budget_s: float, max_budget_s: float) -> None:
+        super().__init__(timebill, default_budget_s, max_budget_s)
+        self.queue = queue
+
     def admit(
         self,
         spec: RequestSpec,
@@ -103,8 +107,6 @@ class Admission:
         budget, and queue, or raise RejectedError."""
         tb = self.timebill
         opts = spec.options
-        if self.queue is None:
-            raise TimeBillError("this Admission has no queue to admit to")
         deadline = arrival + spec.budget_s
         now = time.perf_counter()
         backlog = self.queue.backlog_s(deadline, now)

@@ -43,7 +43,7 @@ from timebill.errors import InfeasibleBudgetError, InvalidInputError, TimeBillEr
 from timebill.facade import LengthPredictionLike, TimeBill
 from timebill.predictor.constant import ConstantPrediction
 from timebill.serve import routing
-from timebill.serve.admission import Admission
+from timebill.serve.admission import RequestParser
 from timebill.serve.metrics import Metrics
 from timebill.serve.protocol import DEFAULT_BUDGET_S, MAX_BUDGET_S, RejectedError, RequestSpec
 from timebill.serve.queue import DONE, QUEUED, RUNNING, Job
@@ -401,7 +401,6 @@ class RoutedService:
         *,
         router: str = "deadline",
         model_name: str,
-        replicas: int,
         default_budget_s: float = DEFAULT_BUDGET_S,
         max_budget_s: float = MAX_BUDGET_S,
     ) -> None:
@@ -412,12 +411,10 @@ class RoutedService:
         self.router_kind = router
         self.model_name = model_name
         self.metrics = Metrics()
-        self.admission = Admission(timebill, None, default_budget_s, max_budget_s)  # spec() only
-        self.replicas = replicas
+        self.admission = RequestParser(timebill, default_budget_s, max_budget_s)  # the queues are on replicas
         self._own_ledger = Ledger()  # the default router's requests (no DeadlineRouter to hold them)
         self.queue = _LedgerQueue(self)
         self._admission_lock = threading.Lock()
-        self.loop: asyncio.AbstractEventLoop | None = None
         self.created = int(time.time())
 
     def router(self) -> DeadlineRouter | None:
@@ -431,7 +428,7 @@ class RoutedService:
         return router.ledger if router is not None else self._own_ledger
 
     def start(self) -> None:
-        self.loop = asyncio.get_running_loop()
+        """Nothing to start here: each replica starts its own model worker."""
 
     def stop(self) -> None:
         """Nothing to stop here: the replicas belong to Ray (``timebill serve`` shuts Serve down on exit)."""
@@ -681,7 +678,6 @@ def create_cluster_app(
         cluster.handle,
         router=router,
         model_name=name,
-        replicas=replicas,
         default_budget_s=config.default_budget_s,
         max_budget_s=config.max_budget_s,
     )
