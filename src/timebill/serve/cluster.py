@@ -643,7 +643,11 @@ def start_cluster(
             request_routing_stats_timeout_s=10.0,
         )
     deployment = serve.deployment(TimeBillReplica, **options)
-    handle = serve.run(deployment.bind(config), name=APP_NAME, route_prefix=None, blocking=False)
+    try:
+        handle = serve.run(deployment.bind(config), name=APP_NAME, route_prefix=None, blocking=False)
+    except Exception as exc:  # a replica failed to construct: Ray's exception carries its remote traceback
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise TimeBillError(f"the TimeBill replicas did not start: {first}") from exc
     deadline = time.monotonic() + ready_timeout_s
     seen: set[str] = set()
     while len(seen) < replicas:  # a ping per live replica (the router spreads pings by load: least first)
@@ -669,8 +673,10 @@ def create_cluster_app(
     """The HTTP app (same routes as :func:`~timebill.serve.create_app`) in front of a new deployment."""
     from timebill.serve.app import create_app
 
-    cluster = start_cluster(config, replicas, router=router, address=address, num_cpus=num_cpus)
+    # The front door's copy first: a missing profile or predictor is a one-line error here, before Ray starts,
+    # rather than a replica that fails to construct inside Ray.
     timebill = load_timebill(loader=config.load)
+    cluster = start_cluster(config, replicas, router=router, address=address, num_cpus=num_cpus)
     source = getattr(timebill.engine, "source", None)
     name = source.model_id if source is not None else "timebill"
     service = RoutedService(
