@@ -1,0 +1,183 @@
+"""The expected-score planner (timebill.selection): pure maths on hand-built time/length/quality inputs."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import pytest
+
+from timebill.errors import InvalidInputError
+from timebill.selection import (
+    Candidate,
+    Knobs,
+    LengthDistribution,
+    TimeError,
+    choose,
+    evaluate,
+    knob_grid,
+    tokens_by,
+)
+
+
+@dataclass(frozen=True)
+class LinearTime:
+    """first token after ``per_token * n_prompt + c``; a step costs ``q + p * n_kv``."""
+
+    per_token: float = 0.001
+    c: float = 0.05
+    q: float = 0.02
+    p: float = 0.0
+    keep: float = 1.0
+
+    def first_token_s(self, n_prompt: int) -> float:
+        return self.per_token * n_prompt + self.c
+
+    def step_s(self, n_kv: float) -> float:
+        return self.q + self.p * n_kv
+
+    def kept_kv_tokens(self, n_prompt: int) -> int:
+        return max(1, round(self.keep * n_prompt))
+
+
+def brute_tokens(time: LinearTime, n_prompt: int, n_max: int, budget: float, ratio: float, spent: float) -> int:
+    t = spent + ratio * time.first_token_s(n_prompt)
+    if t > budget:
+        return 0
+    n, kv = 1, time.kept_kv_tokens(n_prompt)
+    while n < n_max:
+        t += ratio * time.step_s(kv + n - 1)
+        if t > budget:
+            break
+        n += 1
+    return n
+
+
+def test_tokens_by_matches_a_step_by_step_count() -> None:
+    rng = random.Random(3)
+    for _ in range(300):
+        time = LinearTime(
+            per_token=rng.uniform(1e-4, 2e-3),
+            c=rng.uniform(0, 0.2),
+            q=rng.uniform(0.005, 0.05),
+            p=rng.uniform(0, 2e-5),
+            keep=rng.choice([1.0, 0.5, 0.05]),
+        )
+        n_prompt, n_max = rng.randint(10, 4000), rng.choice([1, 32, 64, 512])
+        budget, ratio, spent = rng.uniform(0.01, 8.0), rng.uniform(0.8, 1.3), rng.uniform(0, 0.3)
+        got = tokens_by(time, n_prompt, n_max, budget, ratio=ratio, spent_s=spent)
+        want = brute_tokens(time, n_prompt, n_max, budget, ratio, spent)
+        # float summation order may move a token sitting exactly on T; anything else is a bug
+        assert abs(got - want) <= 1, (got, want)
+
+
+def test_kill_takes_the_answer_that_finishes_guard_the_better_partial() -> None:
+    length = LengthDistribution.point(100)
+    # slow but good: first token at 0.1 s, 0.02 s a step -> 80 tokens by T = 1.68 s
+    slow = Candidate(Knobs("fp32"), LinearTime(per_token=0.0, c=0.1, q=0.02), quality=1.0)
+    # fast but worse: finishes 100 tokens in ~1.04 s
+    fast = Candidate(Knobs("int4"), LinearTime(per_token=0.0, c=0.05, q=0.01), quality=0.5)
+    budget = 0.1 + 79 * 0.02 + 1e-9
+    assert tokens_by(slow.time, 1000, 100, budget) == 80
+    kill = choose([slow, fast], n_prompt=1000, budget_s=budget, length=length, policy="kill")
+    guard = choose([slow, fast], n_prompt=1000, budget_s=budget, length=length, policy="guard")
+    assert kill.best is not None and kill.best.knobs.weights == "int4"
+    assert guard.best is not None and guard.best.knobs.weights == "fp32"
+    assert guard.best.expected_score == pytest.approx(0.8)  # partial(f) = f by default
+    assert kill.best.expected_score == pytest.approx(0.5)
+    # Skip-Next is planned as Kill
+    skip = choose([slow, fast], n_prompt=1000, budget_s=budget, length=length, policy="skip-next")
+    assert skip.best is not None and skip.best.knobs == kill.best.knobs
+
+
+def test_partial_curve_changes_the_guard_choice() -> None:
+    length = LengthDistribution.point(100)
+    slow = Candidate(Knobs("fp32"), LinearTime(per_token=0.0, c=0.1, q=0.02), quality=1.0)
+    fast = Candidate(Knobs("int4"), LinearTime(per_token=0.0, c=0.05, q=0.01), quality=0.5)
+    budget = 0.1 + 79 * 0.02 + 1e-9
+    # an answer whose value is all at its end (code: the completed line) makes a partial worthless
+    guard = choose([slow, fast], n_prompt=1000, budget_s=budget, length=length, partial=lambda f: f**8)
+    assert guard.best is not None and guard.best.knobs.weights == "int4"
+
+
+def test_more_budget_never_lowers_the_expected_score() -> None:
+    rng = random.Random(11)
+    candidates = [
+        Candidate(
+            k,
+            LinearTime(per_token=rng.uniform(2e-4, 1e-3), c=0.05, q=rng.uniform(0.01, 0.04), keep=1 - k.alpha),
+            quality=rng.uniform(0.2, 1.0),
+        )
+        for k in knob_grid(rhos=(0.0,))
+    ]
+    length = LengthDistribution.from_weights([(16, 0.2), (64, 0.5), (128, 0.3)], n_max=128)
+    error = TimeError((0.95, 1.0, 1.1))
+    for policy in ("kill", "guard"):
+        last = 0.0
+        for i in range(1, 120):
+            choice = choose(
+                candidates, n_prompt=2000, budget_s=0.05 * i, length=length, policy=policy, time_error=error
+            )
+            score = choice.best.expected_score if choice.best else 0.0
+            assert score >= last - 1e-12, (policy, 0.05 * i)
+            last = score
+        assert last > 0
+
+
+def test_time_error_makes_an_exact_fit_a_coin_flip() -> None:
+    time = LinearTime(per_token=0.0, c=0.1, q=0.01)
+    candidate = Candidate(Knobs(), time, quality=1.0)
+    budget = 0.1 + 31 * 0.01 + 1e-12  # the median prediction lands exactly on T for 32 tokens
+    length = LengthDistribution.point(32)
+    sure = evaluate(candidate, n_prompt=10, budget_s=budget, length=length, policy="kill")
+    spread = evaluate(
+        candidate, n_prompt=10, budget_s=budget, length=length, policy="kill", time_error=TimeError((0.97, 1.03))
+    )
+    assert sure.p_finish == 1.0
+    assert spread.p_finish == pytest.approx(0.5)
+    assert spread.expected_score == pytest.approx(0.5)
+
+
+def test_min_p_finish_is_a_constraint_and_refusal_when_nothing_fits() -> None:
+    length = LengthDistribution.from_weights([(10, 0.5), (100, 0.5)], n_max=100)
+    good = Candidate(Knobs("fp32"), LinearTime(per_token=0.0, c=0.1, q=0.02), quality=1.0)  # finishes 10 only
+    safe = Candidate(Knobs("int4"), LinearTime(per_token=0.0, c=0.05, q=0.005), quality=0.4)  # finishes 100
+    budget = 0.6
+    free = choose([good, safe], n_prompt=1, budget_s=budget, length=length, policy="kill")
+    assert free.best is not None and free.best.knobs.weights == "fp32"  # 0.5 × 1.0 > 1.0 × 0.4
+    bound = choose([good, safe], n_prompt=1, budget_s=budget, length=length, policy="kill", min_p_finish=0.9)
+    assert bound.best is not None and bound.best.knobs.weights == "int4"
+    assert bound.runners_up(1)[0].knobs.weights == "fp32"
+    none = choose([good, safe], n_prompt=1, budget_s=0.01, length=length, policy="guard")
+    assert none.best is None and len(none.ranked) == 2
+
+
+def test_length_distribution_from_buckets_clips_to_n_max() -> None:
+    dist = LengthDistribution.from_classes([0.25, 0.25, 0.5], [16, 48, 1024], n_max=32)
+    assert dist.lengths == (16, 32)
+    assert dist.probs == pytest.approx((0.25, 0.75))
+    assert dist.cdf(15) == 0.0 and dist.cdf(16) == 0.25 and dist.cdf(32) == pytest.approx(1.0)
+    prior = LengthDistribution.from_samples([4, 4, 32, 32], n_max=32)
+    assert dist.mix(prior, 0.5).cdf(4) == pytest.approx(0.25)
+
+
+def test_time_error_quantiles() -> None:
+    error = TimeError.from_samples([1.0 + 0.01 * i for i in range(101)], points=5)
+    assert error.ratios == pytest.approx((1.1, 1.3, 1.5, 1.7, 1.9))
+    assert TimeError.from_samples([]).ratios == (1.0,)
+
+
+def test_bad_inputs_are_clear_errors() -> None:
+    candidate = Candidate(Knobs(), LinearTime(), quality=1.0)
+    length = LengthDistribution.point(8)
+    with pytest.raises(InvalidInputError, match="policy"):
+        evaluate(candidate, n_prompt=10, budget_s=1.0, length=length, policy="maybe")
+    with pytest.raises(InvalidInputError, match="budget_s"):
+        evaluate(candidate, n_prompt=10, budget_s=0.0, length=length)
+    with pytest.raises(InvalidInputError, match="rho"):
+        Knobs(rho=1.0)
+    with pytest.raises(InvalidInputError, match="sum to 1"):
+        LengthDistribution((1, 2), (0.5, 0.6))
+    with pytest.raises(InvalidInputError, match="at least one candidate"):
+        choose([], n_prompt=1, budget_s=1.0, length=length)
+    assert Knobs("int4", 0.5, 0.75).label == "int4+rho0.5+a0.75"
