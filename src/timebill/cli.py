@@ -591,6 +591,15 @@ def _split_list(values: list[str] | None) -> list[str]:
     return [part.strip() for value in values or [] for part in value.split(",") if part.strip()]
 
 
+def _bench_selector(resources: Any, model: str | None, quality: str | None) -> Any:
+    """The expected-score planner on the bench's engines (every weights mode loaded side by side)."""
+    from timebill.selection import DEFAULT_WEIGHTS
+    from timebill.selector import Selector
+
+    engines = {w: resources.engine_for(w) for w in DEFAULT_WEIGHTS}
+    return Selector.load(model, threads=resources.engine.threads, quality=quality, engines=engines)
+
+
 @app.command("bench")
 def bench(
     out: Annotated[str, typer.Option(help="Output directory: run files, results.md, plots (resumed if present).")],
@@ -606,7 +615,7 @@ def bench(
         ),
     ] = None,
     methods: Annotated[
-        list[str] | None, typer.Option(help="Methods to run, comma-separated or repeated (default: all).")
+        list[str] | None, typer.Option(help="Methods to run, comma-separated or repeated (default: all but timebill-kill/-guard).")
     ] = None,
     budgets: Annotated[
         list[str] | None, typer.Option(help="Time budgets, e.g. 4,6,8 or 4500ms (default: from vanilla's times).")
@@ -628,6 +637,10 @@ def bench(
         str | None, typer.Option("--cpu-lock", help="flock this file around each run (shared machines).")
     ] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar with ETA.")] = True,
+    quality: Annotated[
+        str | None,
+        typer.Option(help="Quality model for timebill-kill/-guard (default: shipped; `timebill calibrate`)."),
+    ] = None,
     report_only: Annotated[
         bool, typer.Option("--report-only", help="Rebuild results.md and plots from the runs in --out.")
     ] = False,
@@ -640,8 +653,10 @@ def bench(
 
     from timebill.bench.methods import (
         K_SWEEP,
+        ExpectedScoreMethod,
         Resources,
         Scorer,
+        TimeBillMethod,
         load_length_predictor,
         method_registry,
         predictor_label,
@@ -658,7 +673,8 @@ def bench(
         if report_only and not chosen:  # report what is there, not every method the registry knows
             chosen = [m for m in method_registry() if (Path(out) / "runs" / f"{m}.jsonl").exists()]
         options = BenchOptions(
-            methods=chosen or list(method_registry()),
+            # the expected-score methods need every weights mode profiled and a quality model: opt-in for now
+            methods=chosen or [m for m, v in method_registry().items() if not isinstance(v, ExpectedScoreMethod)],
             budgets=sorted({parse_budget(b) for b in _split_list(budgets)}) or None,
             n_budgets=n_budgets,
             k_sweep=K_SWEEP if k_sweep else (),
@@ -690,9 +706,12 @@ def bench(
             load_engine=lambda weights: Engine.load(model, threads=engine.threads, weights=weights),
             make_timebill=make_timebill,
             predictor_label=label,
+            make_selector=lambda res: _bench_selector(res, model, quality),
         )
-        if not report_only and any(method_registry()[m].budgeted for m in options.methods):
+        if not report_only and any(isinstance(method_registry()[m], TimeBillMethod) for m in options.methods):
             resources.timebill()  # a missing profile or predictor fails now, not after hours of runs
+        if not report_only and any(isinstance(method_registry()[m], ExpectedScoreMethod) for m in options.methods):
+            resources.selector()
         typer.echo(f"{task_file.path}: {len(tasks)} of {len(task_file.tasks)} tasks; predictor: {label}", err=True)
         data = run_benchmark(resources, task_file, tasks, out, options, log=lambda m: typer.echo(m, err=True))
         scorer = Scorer(resources.decode)

@@ -588,14 +588,17 @@ class Engine:
         prompt_compression: float = 0.0,
         compressor: str = DEFAULT_COMPRESSOR,
         question: str | None = None,
+        t_start: float | None = None,
     ) -> GenerationResult:
         """Answer ``prompt`` with a fixed eviction ratio ``alpha`` and an optional hard deadline.
 
         ``prompt_compression`` (ρ) removes that fraction of the prompt's tokens with ``compressor`` before
         prefill (``question``: the part of the prompt that is the request, kept and scored against; default
-        its last line). Its time counts from the request's start like everything else.
+        its last line). Its time counts from the request's start like everything else. ``t_start`` (a
+        ``time.perf_counter()`` reading, default now) is when the request started: a caller that planned
+        first passes its own start, so the deadline and every timestamp count the planning too.
         """
-        t_start = time.perf_counter()
+        t_start = time.perf_counter() if t_start is None else t_start
         validate_request(prompt, alpha, max_new_tokens, deadline_s, press, prompt_compression, compressor)
         sampling = SamplingConfig(temperature, top_p, seed)
         compressed = None

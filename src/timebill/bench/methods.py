@@ -112,6 +112,7 @@ class Resources:
         load_engine: Callable[[str], Any] | None = None,  # weights -> Engine
         make_timebill: Callable[[Any], Any] | None = None,  # fp32 Engine -> TimeBill
         predictor_label: str = "",
+        make_selector: Callable[[Resources], Any] | None = None,  # -> timebill.selector.Selector
     ) -> None:
         self.engine = engine
         self._engines: dict[str, Any] = {engine.weights: engine}
@@ -119,6 +120,8 @@ class Resources:
         self._make_timebill = make_timebill
         self._timebill: Any = None
         self.predictor_label = predictor_label
+        self._make_selector = make_selector
+        self._selector: Any = None
 
     def engine_for(self, weights: str) -> Any:
         if weights not in self._engines:
@@ -133,6 +136,14 @@ class Resources:
                 raise InvalidInputError("TimeBill methods need an estimator profile and a length predictor")
             self._timebill = self._make_timebill(self.engine)
         return self._timebill
+
+    def selector(self) -> Any:
+        """The expected-score planner's engines (every weights mode, loaded side by side) and quality model."""
+        if self._selector is None:
+            if self._make_selector is None:
+                raise InvalidInputError("expected-score TimeBill methods need profiles and a quality model")
+            self._selector = self._make_selector(self)
+        return self._selector
 
     def decode_paths(self) -> dict[str, str]:
         return {weights: engine.decode_path for weights, engine in self._engines.items()}
@@ -296,6 +307,78 @@ class TimeBillMethod(Method):
         return f"TimeBill, {bound}, re-planning {'on' if self.replan else 'off'} (one run per task and budget)"
 
 
+@dataclass(frozen=True)
+class ExpectedScoreMethod(Method):
+    """TimeBill's expected-score planner at budget T: choose weights × ρ × α for the policy, run it guarded.
+
+    One method per overrun policy, since the objective depends on it (``timebill-kill`` maximises
+    Q·P(finish), ``timebill-guard`` the expected score of what is delivered by T); the report reads each
+    under every policy, and the claims compare each under its own.
+    """
+
+    name: str
+    policy: str = "kill"
+    budgeted: bool = True
+
+    def run(self, resources: Resources, task: Task, budget_s: float | None) -> dict[str, Any]:
+        if budget_s is None:
+            raise InvalidInputError(f"{self.name} needs a time budget")
+        selector = resources.selector()
+        t0 = time.perf_counter()
+        try:
+            out = selector.generate(
+                task.prompt,
+                budget_s,
+                policy=self.policy,
+                kind=task.kind,
+                max_new_tokens=task.max_new_tokens,
+                chat=task.chat,
+                t_start=t0,
+            )
+        except InfeasibleBudgetError as exc:
+            return {
+                "text": "",
+                "token_ids": [],
+                "token_times_s": [],
+                "stop_reason": STOP_REFUSED,
+                "e2e_s": time.perf_counter() - t0,
+                "refused": str(exc),
+                "planner": "expected",
+            }
+        gen = out.generation
+        times = list(gen.token_times_s)
+        best = out.selection.choice.best
+        assert best is not None
+        return {
+            "text": gen.text,
+            "token_ids": list(gen.token_ids),
+            "token_times_s": times,
+            "stop_reason": gen.stop_reason,
+            "e2e_s": times[-1] if times else gen.total_s,
+            "prompt_tokens": gen.prompt_tokens,
+            "kept_kv_tokens": gen.kept_kv_tokens,
+            "alpha": gen.alpha,
+            "weights": best.knobs.weights,
+            "prompt_compression": best.knobs.rho,
+            "configuration": best.knobs.label,
+            "p_finish": best.p_finish,
+            "expected_score": best.expected_score,
+            "plan_s": out.selection.plan_s,
+            "prefill_s": gen.prefill_s,
+            "decode_s": gen.decode_s,
+            "decode_path": gen.decode_path,
+            "compress_s": getattr(gen, "compress_s", 0.0),
+            "planner": "expected",
+            "selection": out.selection.to_record(),
+        }
+
+    def describe(self) -> str:
+        return (
+            f"TimeBill's expected-score planner for {self.policy}: weights × ρ × α chosen per request "
+            "(one run per task and budget, deadline guard on)"
+        )
+
+
 def method_registry() -> dict[str, Method]:
     """Every method the CLI's ``--methods`` accepts, in report order."""
     methods: dict[str, Method] = {"vanilla": FixedAlpha("vanilla", 0.0)}
@@ -308,6 +391,8 @@ def method_registry() -> dict[str, Method]:
     methods["timebill"] = TimeBillMethod("timebill")
     methods["timebill-conformal"] = TimeBillMethod("timebill-conformal", bound="conformal")
     methods["timebill-replan"] = TimeBillMethod("timebill-replan", replan=True)
+    methods["timebill-kill"] = ExpectedScoreMethod("timebill-kill", policy="kill")
+    methods["timebill-guard"] = ExpectedScoreMethod("timebill-guard", policy="guard")
     return methods
 
 

@@ -1,0 +1,268 @@
+"""Run a request with the configuration the expected-score planner picks (weights × ρ × α), on real engines.
+
+:mod:`timebill.selection` is the maths; this module wires it: one :class:`~timebill.engine.Engine` per
+weights mode loaded side by side (they share the tokenizer; a 135M model costs ~0.5 GB in fp32 and a
+fraction of that quantised), each with its own profiled :class:`~timebill.estimator.ExecutionTimeEstimator`,
+and a :class:`~timebill.quality.QualityModel` measured on the calibration suite. Per request:
+
+1. tokenise once (the weights modes share the tokenizer) and build every candidate's predicted time;
+2. :func:`timebill.selection.choose` under the request's overrun policy, with the calibration suite's
+   length distribution for the request's kind (the shipped probe predictor reads prefill's hidden state,
+   so it cannot inform a choice that must be made *before* prefill: weights and ρ change the prefill);
+3. run the chosen engine with the deadline guard on, its clock started at the request's start, so the
+   planning time counts against the budget like everything else.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from timebill.compression.base import target_kept_tokens
+from timebill.errors import InfeasibleBudgetError, InvalidInputError, ProfileError
+from timebill.options import DEFAULT_COMPRESSOR
+from timebill.selection import (
+    DEFAULT_ALPHAS,
+    DEFAULT_RHOS,
+    DEFAULT_WEIGHTS,
+    Candidate,
+    Choice,
+    Knobs,
+    LengthDistribution,
+    TimeError,
+    choose,
+)
+
+log = logging.getLogger(__name__)
+
+#: measured/predicted end-to-end time of every finished TimeBill run of the full benchmark run (1982 runs,
+#: docs/results/bench-full/p*/runs/timebill*.jsonl, e2e_s / (predicted_e2e_s + t_predict_s)), summarised by
+#: 9 mid-quantiles (``TimeError.from_samples``): p50 1.00, p90 ≈ 1.06. The default until a host measures its own.
+DEFAULT_TIME_ERROR = TimeError((0.927, 0.965, 0.982, 0.992, 1.0, 1.009, 1.02, 1.039, 1.085))
+
+
+@dataclass(frozen=True)
+class EstimatorTime:
+    """A :class:`~timebill.selection.CandidateTime` from one weights mode's estimator and the knobs ρ, α."""
+
+    estimator: Any  # ExecutionTimeEstimator of the weights mode
+    rho: float = 0.0
+    alpha: float = 0.0
+    compressor: str = DEFAULT_COMPRESSOR
+
+    def _prefilled(self, n_prompt: int) -> int:
+        return target_kept_tokens(n_prompt, self.rho) if self.rho > 0 else n_prompt
+
+    def first_token_s(self, n_prompt: int) -> float:
+        n = self._prefilled(n_prompt)
+        compress = self.estimator.compress_s(self.compressor, n_prompt) if self.rho > 0 else 0.0
+        kept = self.estimator.kept_kv_tokens(n, self.alpha)
+        return (
+            compress
+            + self.estimator.prefill_s(n)
+            + self.estimator.evict_s(n, self.alpha)
+            + (self.estimator.setup_s(kept, 2))
+        )
+
+    def step_s(self, n_kv: float) -> float:
+        return self.estimator.step_s(n_kv)
+
+    def kept_kv_tokens(self, n_prompt: int) -> int:
+        return self.estimator.kept_kv_tokens(self._prefilled(n_prompt), self.alpha)
+
+
+@dataclass
+class Selection:
+    """What was chosen for one request, and the inputs it was chosen from (the plan object)."""
+
+    choice: Choice
+    n_prompt: int
+    budget_s: float
+    policy: str
+    kind: str | None
+    plan_s: float  # tokenising + choosing, measured
+    length: LengthDistribution
+
+    @property
+    def knobs(self) -> Knobs | None:
+        return self.choice.best.knobs if self.choice.best else None
+
+    def to_record(self) -> dict[str, Any]:
+        best = self.choice.best
+        return {
+            "planner": "expected",
+            "policy": self.policy,
+            "kind": self.kind,
+            "n_x": self.n_prompt,
+            "budget_s": self.budget_s,
+            "plan_s": self.plan_s,
+            "chosen": best.to_dict() if best else None,
+            "runners_up": [e.to_dict() for e in self.choice.runners_up(3)],
+        }
+
+
+@dataclass
+class SelectedResult:
+    """The answer, the selection, and the engine's measured result."""
+
+    text: str
+    selection: Selection
+    generation: Any  # GenerationResult
+    t_start: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Selector:
+    """Engines per weights mode + their estimators + a quality model → the expected-score choice, run."""
+
+    def __init__(
+        self,
+        engines: Mapping[str, Any],
+        estimators: Mapping[str, Any],
+        quality: Any,  # timebill.quality.QualityModel
+        *,
+        rhos: Sequence[float] = DEFAULT_RHOS,
+        alphas: Sequence[float] = DEFAULT_ALPHAS,
+        compressor: str = DEFAULT_COMPRESSOR,
+        time_error: TimeError = DEFAULT_TIME_ERROR,
+        press: str = "snapkv",
+    ) -> None:
+        modes = [w for w in engines if w in estimators]
+        if not modes:
+            raise InvalidInputError("a Selector needs at least one weights mode with both an engine and a profile")
+        self.engines = {w: engines[w] for w in modes}
+        self.estimators = {w: estimators[w] for w in modes}
+        self.quality = quality
+        self.rhos = tuple(rhos)
+        self.alphas = tuple(alphas)
+        self.compressor = compressor
+        self.time_error = time_error
+        self.press = press
+        self.tokenizer_engine = self.engines.get("fp32") or next(iter(self.engines.values()))
+
+    @classmethod
+    def load(
+        cls,
+        model: str | None = None,
+        *,
+        threads: int | None = None,
+        weights: Sequence[str] = DEFAULT_WEIGHTS,
+        quality: str | None = None,
+        engines: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> Selector:
+        """Load each weights mode that has a profile on this machine (a mode without one is left out, logged)."""
+        from timebill.engine import Engine
+        from timebill.estimator import ExecutionTimeEstimator
+        from timebill.quality import DEFAULT_QUALITY_FILE, load_quality
+
+        loaded: dict[str, Any] = dict(engines or {})
+        estimators: dict[str, Any] = {}
+        for w in weights:
+            if w not in loaded:
+                loaded[w] = Engine.load(model, threads=threads, weights=w)
+            try:
+                estimators[w] = ExecutionTimeEstimator.for_engine(loaded[w], press=options.get("press", "snapkv"))
+            except ProfileError as exc:
+                log.warning("weights %s left out of the choice: %s", w, exc)
+        fp = next(iter(loaded.values()))
+        fingerprint = getattr(getattr(fp, "source", None), "fingerprint", None)
+        q = load_quality(quality or DEFAULT_QUALITY_FILE, model_fingerprint=fingerprint)
+        return cls(loaded, estimators, q, **options)
+
+    # ------------------------------------------------------------------ planning
+    def candidates(self, kind: str | None) -> list[Candidate]:
+        out = []
+        for w, est in self.estimators.items():
+            # a profile without this compressor's timing cannot price ρ > 0: those candidates are left out
+            timed = self.compressor in getattr(est, "compressor_fits", {})
+            for rho in self.rhos if timed else [r for r in self.rhos if r == 0]:
+                for alpha in self.alphas:
+                    knobs = Knobs(w, rho, alpha, self.compressor)
+                    q = self.quality.score(kind, w, rho, alpha)
+                    out.append(Candidate(knobs, EstimatorTime(est, rho, alpha, self.compressor), q))
+        return out
+
+    def length_distribution(self, kind: str | None, max_new_tokens: int) -> LengthDistribution:
+        prior = self.quality.length_prior(kind)
+        if not prior:
+            return LengthDistribution.point(max_new_tokens)
+        return LengthDistribution.from_samples(prior, max_new_tokens)
+
+    def select(
+        self,
+        n_prompt: int,
+        budget_s: float,
+        *,
+        policy: str = "guard",
+        kind: str | None = None,
+        max_new_tokens: int = 256,
+        spent_s: float = 0.0,
+    ) -> Choice:
+        length = self.length_distribution(kind, max_new_tokens)
+        return choose(
+            self.candidates(kind),
+            n_prompt=n_prompt,
+            budget_s=budget_s,
+            length=length,
+            policy=policy,
+            time_error=self.time_error,
+            partial=lambda f: self.quality.partial(kind, f),
+            spent_s=spent_s,
+        )
+
+    # ------------------------------------------------------------------ running
+    def generate(
+        self,
+        prompt: str,
+        time_budget: float,
+        *,
+        policy: str = "guard",
+        kind: str | None = None,
+        max_new_tokens: int = 256,
+        chat: bool = True,
+        t_start: float | None = None,
+    ) -> SelectedResult:
+        """Choose θ for this request and run it under the deadline guard; refuse when nothing emits a token."""
+        t_start = time.perf_counter() if t_start is None else t_start
+        if not (isinstance(time_budget, (int, float)) and math.isfinite(time_budget) and time_budget > 0):
+            raise InvalidInputError(f"time budget must be a positive number of seconds, got {time_budget!r}")
+        ids = self.tokenizer_engine.encode(prompt, chat=chat)
+        length = self.length_distribution(kind, max_new_tokens)
+        choice = choose(
+            self.candidates(kind),
+            n_prompt=len(ids),
+            budget_s=float(time_budget),
+            length=length,
+            policy=policy,
+            time_error=self.time_error,
+            partial=lambda f: self.quality.partial(kind, f),
+            spent_s=time.perf_counter() - t_start,
+        )
+        plan_s = time.perf_counter() - t_start
+        selection = Selection(choice, len(ids), float(time_budget), policy, kind, plan_s, length)
+        if choice.best is None:
+            earliest = plan_s + min(e.first_token_s for e in choice.ranked)
+            raise InfeasibleBudgetError(
+                f"Infeasible: no configuration emits a token within {time_budget:.3f} s on this machine "
+                f"(fastest first token {earliest:.3f} s); give at least {earliest * 1.1:.3f} s or shorten the prompt.",
+                earliest_feasible_s=earliest,
+            )
+        k = choice.best.knobs
+        engine = self.engines[k.weights]
+        gen = engine.generate(
+            prompt if k.rho > 0 else ids,
+            alpha=k.alpha,
+            max_new_tokens=max_new_tokens,
+            deadline_s=float(time_budget),
+            press=self.press,
+            chat=chat,
+            prompt_compression=k.rho,
+            compressor=k.compressor,
+            t_start=t_start,
+        )
+        return SelectedResult(gen.text, selection, gen, t_start)
