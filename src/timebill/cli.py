@@ -615,7 +615,8 @@ def bench(
         ),
     ] = None,
     methods: Annotated[
-        list[str] | None, typer.Option(help="Methods to run, comma-separated or repeated (default: all but timebill-kill/-guard).")
+        list[str] | None,
+        typer.Option(help="Methods to run, comma-separated or repeated (default: all but timebill-kill/-guard)."),
     ] = None,
     budgets: Annotated[
         list[str] | None, typer.Option(help="Time budgets, e.g. 4,6,8 or 4500ms (default: from vanilla's times).")
