@@ -303,8 +303,13 @@ def evaluate(
     time_error: TimeError = TimeError(),
     partial: Callable[[float], float] = lambda f: f,
     spent_s: float = 0.0,
+    tail_cache: dict[int, float] | None = None,
 ) -> Evaluation:
-    """Expected score and P(finish) of one candidate (see the module docstring for the objective)."""
+    """Expected score and P(finish) of one candidate (see the module docstring for the objective).
+
+    ``tail_cache`` (m → the guard's partial-answer term) lets :func:`choose` share that sum between
+    candidates that emit the same number of tokens by T; it depends only on ``length`` and ``partial``.
+    """
     policy = _check_policy(policy)
     if not (math.isfinite(budget_s) and budget_s > 0):
         raise InvalidInputError(f"budget_s must be > 0 seconds, got {budget_s!r}")
@@ -319,9 +324,13 @@ def evaluate(
             score_total += q * p
             continue
         # guard: the lengths above m deliver m of their n tokens; partial() says what that prefix is worth
-        start = bisect.bisect_right(length.lengths, m)
-        tail = zip(length.lengths[start:], length.probs[start:], strict=True)
-        cut = sum(pn * min(1.0, max(0.0, partial(m / n))) for n, pn in tail)
+        cut = tail_cache.get(m) if tail_cache is not None else None
+        if cut is None:
+            start = bisect.bisect_right(length.lengths, m)
+            tail = zip(length.lengths[start:], length.probs[start:], strict=True)
+            cut = sum(pn * min(1.0, max(0.0, partial(m / n))) for n, pn in tail)
+            if tail_cache is not None:
+                tail_cache[m] = cut
         score_total += q * (p + cut)
     k = len(time_error.ratios)
     median_ratio = _median(time_error.ratios)
@@ -366,6 +375,7 @@ def choose(
     """
     if min_p_finish is not None and not 0.0 <= min_p_finish <= 1.0:
         raise InvalidInputError(f"min_p_finish must be in [0, 1], got {min_p_finish!r}")
+    tails: dict[int, float] = {}
     evaluations = [
         evaluate(
             c,
@@ -376,6 +386,7 @@ def choose(
             time_error=time_error,
             partial=partial,
             spent_s=spent_s,
+            tail_cache=tails,
         )
         for c in candidates
     ]
