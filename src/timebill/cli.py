@@ -98,6 +98,50 @@ def _generate_budgeted(
     _echo_result(result.text, result.summary_line(), result.to_record(), as_json)
 
 
+def _generate_selected(
+    prompt: str,
+    budget: str,
+    *,
+    planner: str,
+    policy: str,
+    kind: str | None,
+    quality: str | None,
+    max_new_tokens: int,
+    dry_run: bool,
+    chat: bool,
+    as_json: bool,
+    model: str | None,
+    threads: int | None,
+) -> None:
+    """``generate --budget --planner expected``: the expected-score choice of weights × ρ × α, then the answer."""
+    from timebill.facade import parse_budget
+    from timebill.options import check_max_new_tokens
+    from timebill.selection import POLICIES
+    from timebill.selector import Selector
+
+    try:
+        if planner != "expected":
+            raise InvalidInputError(f"--planner must be paper or expected, got {planner!r}")
+        if policy not in POLICIES:
+            raise InvalidInputError(f"--policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        text = _read_prompt(prompt)
+        budget_s = parse_budget(budget)
+        if not text.strip():
+            raise InvalidInputError("The prompt is empty; give some text to answer.")
+        check_max_new_tokens(max_new_tokens)
+        selector = Selector.load(model, threads=threads, quality=quality)
+        request = {"policy": policy, "kind": kind, "max_new_tokens": max_new_tokens, "chat": chat}
+        if dry_run:
+            selection, _ = selector.plan(text, budget_s, **request)
+            typer.echo(json.dumps(selection.to_record()) if as_json else selection.summary_line())
+            return
+        result = selector.generate(text, budget_s, **request)
+    except TimeBillError as exc:
+        _fail(exc)
+        return
+    _echo_result(result.text, result.summary_line(), result.to_record(), as_json)
+
+
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="The prompt text, or '-' to read it from stdin.")],
@@ -161,10 +205,42 @@ def generate(
             "(default: the chat's last user turn, or the prompt's last line)."
         ),
     ] = None,
+    planner: Annotated[
+        str,
+        typer.Option(
+            help="With --budget: paper (smallest α whose worst case fits) or expected (weights × ρ × α chosen "
+            "by expected score; needs int8/int4 profiles and the quality model)."
+        ),
+    ] = "paper",
+    policy: Annotated[
+        str, typer.Option(help="--planner expected: overrun policy planned for: guard | kill | skip-next.")
+    ] = "guard",
+    kind: Annotated[
+        str | None, typer.Option(help="--planner expected: task kind (retrieval | code | chat) if known.")
+    ] = None,
+    quality: Annotated[
+        str | None, typer.Option(help="--planner expected: quality model file (default: shipped).")
+    ] = None,
 ) -> None:
     """Generate an answer: with --budget, TimeBill plans the eviction; otherwise a fixed α and deadline."""
     from timebill.engine import Engine, validate_request
 
+    if budget is not None and planner != "paper":
+        _generate_selected(
+            prompt,
+            budget,
+            planner=planner,
+            policy=policy,
+            kind=kind,
+            quality=quality,
+            max_new_tokens=max_new_tokens,
+            dry_run=dry_run,
+            chat=not raw,
+            as_json=as_json,
+            model=model,
+            threads=threads,
+        )
+        return
     if budget is not None:
         try:
             options = RequestOptions().with_overrides(

@@ -19,12 +19,12 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from timebill.compression.base import target_kept_tokens
 from timebill.errors import InfeasibleBudgetError, InvalidInputError, ProfileError
-from timebill.options import DEFAULT_COMPRESSOR
+from timebill.options import DEFAULT_COMPRESSOR, check_max_new_tokens
 from timebill.selection import (
     DEFAULT_ALPHAS,
     DEFAULT_RHOS,
@@ -91,6 +91,16 @@ class Selection:
     def knobs(self) -> Knobs | None:
         return self.choice.best.knobs if self.choice.best else None
 
+    def summary_line(self) -> str:
+        best = self.choice.best
+        if best is None:
+            return f"plan: nothing emits a token within {self.budget_s:.3f} s (N_x={self.n_prompt})"
+        return (
+            f"plan ({self.policy}): {best.knobs.label} N_x={self.n_prompt} P(finish)={best.p_finish:.2f} "
+            f"E[score]={best.expected_score:.3f} (quality {best.quality:.3f}) budget={self.budget_s:.3f}s "
+            f"planned in {self.plan_s * 1e3:.1f} ms"
+        )
+
     def to_record(self) -> dict[str, Any]:
         best = self.choice.best
         return {
@@ -113,7 +123,29 @@ class SelectedResult:
     selection: Selection
     generation: Any  # GenerationResult
     t_start: float
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def deadline_met(self) -> bool:
+        times = self.generation.token_times_s
+        return bool(times) and times[-1] <= self.selection.budget_s
+
+    def to_record(self) -> dict[str, Any]:
+        """The CLI's ``--json``: the answer, the selection (chosen θ, P(finish), runners-up), the measurements."""
+        gen = self.generation.to_dict()
+        times = self.generation.token_times_s
+        return {
+            "text": self.text,
+            "stop_reason": self.generation.stop_reason,
+            "measured_e2e_s": times[-1] if times else None,
+            "deadline_met": self.deadline_met,
+            "plan": self.selection.to_record(),
+            "generation": gen,
+        }
+
+    def summary_line(self) -> str:
+        return f"{self.selection.summary_line()} | measured e2e={self.to_record()['measured_e2e_s']} " + (
+            f"tokens={len(self.generation.token_ids)} stop={self.generation.stop_reason} met={self.deadline_met}"
+        )
 
 
 class Selector:
@@ -216,6 +248,37 @@ class Selector:
         )
 
     # ------------------------------------------------------------------ running
+    def plan(
+        self,
+        prompt: str,
+        time_budget: float,
+        *,
+        policy: str = "guard",
+        kind: str | None = None,
+        max_new_tokens: int = 256,
+        chat: bool = True,
+        t_start: float | None = None,
+    ) -> tuple[Selection, list[int]]:
+        """The choice for this request without running it (``--dry-run``), and the prompt's token ids."""
+        t_start = time.perf_counter() if t_start is None else t_start
+        if not (isinstance(time_budget, (int, float)) and math.isfinite(time_budget) and time_budget > 0):
+            raise InvalidInputError(f"time budget must be a positive number of seconds, got {time_budget!r}")
+        ids = self.tokenizer_engine.encode(prompt, chat=chat)
+        check_max_new_tokens(max_new_tokens)
+        length = self.length_distribution(kind, max_new_tokens)
+        choice = choose(
+            self.candidates(kind),
+            n_prompt=len(ids),
+            budget_s=float(time_budget),
+            length=length,
+            policy=policy,
+            time_error=self.time_error,
+            partial=lambda f: self.quality.partial(kind, f),
+            spent_s=time.perf_counter() - t_start,
+        )
+        plan_s = time.perf_counter() - t_start
+        return Selection(choice, len(ids), float(time_budget), policy, kind, plan_s, length), ids
+
     def generate(
         self,
         prompt: str,
@@ -229,32 +292,19 @@ class Selector:
     ) -> SelectedResult:
         """Choose θ for this request and run it under the deadline guard; refuse when nothing emits a token."""
         t_start = time.perf_counter() if t_start is None else t_start
-        if not (isinstance(time_budget, (int, float)) and math.isfinite(time_budget) and time_budget > 0):
-            raise InvalidInputError(f"time budget must be a positive number of seconds, got {time_budget!r}")
-        ids = self.tokenizer_engine.encode(prompt, chat=chat)
-        length = self.length_distribution(kind, max_new_tokens)
-        choice = choose(
-            self.candidates(kind),
-            n_prompt=len(ids),
-            budget_s=float(time_budget),
-            length=length,
-            policy=policy,
-            time_error=self.time_error,
-            partial=lambda f: self.quality.partial(kind, f),
-            spent_s=time.perf_counter() - t_start,
+        selection, ids = self.plan(
+            prompt, time_budget, policy=policy, kind=kind, max_new_tokens=max_new_tokens, chat=chat, t_start=t_start
         )
-        plan_s = time.perf_counter() - t_start
-        selection = Selection(choice, len(ids), float(time_budget), policy, kind, plan_s, length)
-        if choice.best is None:
-            earliest = plan_s + min(e.first_token_s for e in choice.ranked)
+        best = selection.choice.best
+        if best is None:
+            earliest = selection.plan_s + min(e.first_token_s for e in selection.choice.ranked)
             raise InfeasibleBudgetError(
                 f"Infeasible: no configuration emits a token within {time_budget:.3f} s on this machine "
                 f"(fastest first token {earliest:.3f} s); give at least {earliest * 1.1:.3f} s or shorten the prompt.",
                 earliest_feasible_s=earliest,
             )
-        k = choice.best.knobs
-        engine = self.engines[k.weights]
-        gen = engine.generate(
+        k = best.knobs
+        gen = self.engines[k.weights].generate(
             prompt if k.rho > 0 else ids,
             alpha=k.alpha,
             max_new_tokens=max_new_tokens,
