@@ -152,6 +152,26 @@ def load_model_and_tokenizer(source: ModelSource, dtype: str = "float32"):  # no
     return model, tokenizer
 
 
+def load_tokenizer(source: ModelSource):  # noqa: ANN201 - HF type
+    """Only the tokenizer of ``source`` (no weights): what reading recorded token ids back into text needs.
+
+    A GGUF source reads the safetensors cache :func:`load_model_and_tokenizer` made when there is one
+    (~0.3 s), else the GGUF's own tokenizer metadata.
+    """
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    try:
+        if source.gguf_file is None:
+            return AutoTokenizer.from_pretrained(source.location)
+        cached = cache_dir() / "models" / f"{source.model_id}-{source.fingerprint}-float32"
+        if (cached / "config.json").is_file():
+            return AutoTokenizer.from_pretrained(str(cached))
+        return AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelLoadError(f"Could not load the tokenizer of {source.location!r}: {exc}") from exc
+
+
 def _save_atomically(model, tokenizer, target: Path) -> None:  # noqa: ANN001 - HF types
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))

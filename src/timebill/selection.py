@@ -115,6 +115,7 @@ class Candidate:
     knobs: Knobs
     time: CandidateTime
     quality: float  # expected score of the full answer, in [0, 1]
+    time_error: TimeError | None = None  # this configuration's own measured/predicted spread (None: the caller's)
 
 
 @dataclass(frozen=True)
@@ -316,6 +317,7 @@ def evaluate(
     n_max = length.n_max
     q = min(1.0, max(0.0, float(candidate.quality)))
     p_total = score_total = 0.0
+    time_error = candidate.time_error or time_error
     for r in time_error.ratios:
         m = tokens_by(candidate.time, n_prompt, n_max, budget_s, ratio=r, spent_s=spent_s)
         p = length.cdf(m)

@@ -43,7 +43,7 @@ def _fmt(summary: PolicySummary | None) -> str:
     return f"{summary.avg_score:.1f} ({100 * summary.completion_rate:.0f} %)"
 
 
-def _policy_table(methods: Sequence[Method], ev: Evaluation, policy: str) -> list[str]:
+def policy_table(methods: Sequence[Method], ev: Evaluation, policy: str) -> list[str]:
     header = "| method | " + " | ".join(c.header for c in ev.columns) + " |"
     lines = [header, "|---|" + "---|" * len(ev.columns)]
     for method in methods:
@@ -354,7 +354,7 @@ def _results(
     md = ["", *_HOW_TO_READ, "", "## Methods", "", *_method_lines(data, predictor), "", "## Budgets", "", *budgets]
     md += ["", "## Sanity: vanilla (α = 0, no deadline) per task kind", "", *_sanity_table(data, scorer), ""]
     for policy in POLICIES:
-        md += [f"## Average score (completion rate) — {policy}", "", *_policy_table(data.methods, ev, policy), ""]
+        md += [f"## Average score (completion rate) — {policy}", "", *policy_table(data.methods, ev, policy), ""]
     md += [
         "## The paper's claims, checked (Kill)",
         "",
