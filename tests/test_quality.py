@@ -1,0 +1,220 @@
+"""The quality model: fitted from hand-built run records, saved/loaded, read by the planner; the calibration suite."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from timebill.bench.suite import Task, read_suite, write_suite
+from timebill.cli import app
+from timebill.errors import InvalidInputError, TimeBillError
+from timebill.quality import (
+    DEFAULT_QUALITY_FILE,
+    KindQuality,
+    QualityError,
+    QualityModel,
+    fit_quality,
+    load_quality,
+    save_quality,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+EVAL_SUITE = ROOT / "benchmarks" / "suites" / "longbench-style-v1.jsonl"
+CALIBRATION_SUITE = ROOT / "benchmarks" / "suites" / "calibration-v1.jsonl"
+
+WORDS = {1: "amber", 2: "anchor", 3: "brave", 4: "badger", 5: "foo", 6: "the", 7: "cat", 8: "sat"}
+
+
+def decode(ids: list[int]) -> str:
+    return " ".join(WORDS[i] for i in ids)
+
+
+def _suite(tmp_path: Path):
+    tasks = [
+        Task("r1", "retrieval", "qa_f1", "Q1?", ("amber anchor",), 32),
+        Task("r2", "retrieval", "qa_f1", "Q2?", ("brave badger",), 32),
+        Task("c1", "chat", "rouge_l", "Chat?", ("the cat sat on the mat",), 64),
+    ]
+    header = {"format": "timebill-bench-suite", "format_version": 1, "name": "tiny-calibration"}
+    return read_suite(write_suite(tmp_path / "tiny.jsonl", header, tasks))
+
+
+def _write_runs(tmp_path: Path, runs: dict[str, dict[str, list[int]]]) -> Path:
+    folder = tmp_path / "cal-runs" / "runs"
+    folder.mkdir(parents=True)
+    for method, answers in runs.items():
+        lines = [
+            json.dumps({"key": f"{method}|{task}", "task_id": task, "text": decode(ids), "token_ids": ids})
+            for task, ids in answers.items()
+        ]
+        (folder / f"{method}.jsonl").write_text("\n".join(lines) + "\n")
+    return folder.parent
+
+
+@pytest.fixture
+def fitted(tmp_path: Path) -> QualityModel:
+    runs = _write_runs(
+        tmp_path,
+        {
+            "vanilla": {"r1": [1, 2], "r2": [3, 5], "c1": [6, 7, 8]},  # F1 1, 0.5; ROUGE-L 2/3
+            "int8": {"r1": [1, 2], "r2": [5]},  # F1 1, 0
+            "snapkv-0.5": {"r1": [1]},  # F1 2/3
+            "compress-0.5": {"c1": [7]},  # ROUGE-L 2/7
+        },
+    )
+    return fit_quality(runs, _suite(tmp_path), decode, "tiny-model", "fp123", command="test")
+
+
+def test_fit_relative_factors_are_ratios_of_mean_scores_over_shared_tasks(fitted: QualityModel) -> None:
+    retrieval, chat, pooled = fitted.kinds["retrieval"], fitted.kinds["chat"], fitted.kinds["all"]
+    assert retrieval.n == 2 and retrieval.base == pytest.approx(0.75)
+    assert retrieval.relative == pytest.approx({"weights:int8": 0.5 / 0.75, "alpha:0.5": 2 / 3})
+    assert chat.base == pytest.approx(2 / 3)
+    assert chat.relative == pytest.approx({"rho:0.5": (2 / 7) / (2 / 3)})
+    assert pooled.n == 3 and pooled.base == pytest.approx((1 + 0.5 + 2 / 3) / 3)
+    assert pooled.relative["weights:int8"] == pytest.approx(2 / 3)  # over r1, r2 only: c1 has no int8 run
+    assert retrieval.lengths == [2, 2] and chat.lengths == [3] and sorted(pooled.lengths) == [2, 2, 3]
+    assert fitted.model_fingerprint == "fp123" and fitted.suite["name"] == "tiny-calibration"
+
+
+def test_fit_partial_curve_scores_vanilla_cut_to_ceil_f_len_tokens(fitted: QualityModel) -> None:
+    partial = dict(fitted.kinds["retrieval"].partial)
+    # f <= 0.5 keeps ceil(f·2) = 1 token: "amber" → F1 2/3, "brave" → 2/3; over base 0.75
+    assert partial[0.1] == pytest.approx((2 / 3) / 0.75)
+    assert partial[0.5] == pytest.approx((2 / 3) / 0.75)
+    assert partial[0.6] == pytest.approx(1.0) and partial[1.0] == pytest.approx(1.0)
+    chat = dict(fitted.kinds["chat"].partial)
+    # 0.3 × 3 tokens keeps 1 ("the": ROUGE-L 2/7), 0.4 keeps 2 ("the cat": 1/2)
+    assert chat[0.3] == pytest.approx((2 / 7) / (2 / 3))
+    assert chat[0.4] == pytest.approx(0.5 / (2 / 3))
+    assert fitted.partial("retrieval", 0.05) == pytest.approx(0.5 * (2 / 3) / 0.75)  # (0, 0) → (0.1, g)
+
+
+def test_fit_needs_vanilla(tmp_path: Path) -> None:
+    runs = _write_runs(tmp_path, {"int8": {"r1": [1, 2]}})
+    with pytest.raises(QualityError, match="no vanilla runs"):
+        fit_quality(runs, _suite(tmp_path), decode, "m", "f")
+
+
+def test_save_load_round_trip_is_atomic(fitted: QualityModel, tmp_path: Path) -> None:
+    path = save_quality(fitted, tmp_path / "q" / "quality.json")
+    assert [p.name for p in path.parent.iterdir()] == ["quality.json"]  # no temp file left behind
+    again = load_quality(path, model_fingerprint="fp123")
+    assert again.to_dict() == fitted.to_dict()
+    data = json.loads(path.read_text())
+    assert data["format"] == "timebill-quality" and data["format_version"] == 1
+    assert set(data["kinds"]) == {"retrieval", "chat", "all"}
+
+
+def test_load_errors_say_what_to_do(fitted: QualityModel, tmp_path: Path) -> None:
+    with pytest.raises(QualityError, match="no quality model at .*timebill calibrate"):
+        load_quality(tmp_path / "missing.json")
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text("{not json")
+    with pytest.raises(QualityError, match="not JSON"):
+        load_quality(corrupt)
+    path = save_quality(fitted, tmp_path / "quality.json")
+    data = json.loads(path.read_text())
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({**data, "format_version": 99}))
+    with pytest.raises(QualityError, match="v99"):
+        load_quality(old)
+    with pytest.raises(QualityError, match="made for model tiny-model .*this is other.*timebill calibrate"):
+        load_quality(path, model_fingerprint="other")
+    assert issubclass(QualityError, TimeBillError)
+
+
+def test_default_quality_file_missing_is_a_clear_error(tmp_path: Path) -> None:
+    assert DEFAULT_QUALITY_FILE.name == "quality-smollm2-135m.json"
+    if not DEFAULT_QUALITY_FILE.exists():
+        with pytest.raises(QualityError, match="timebill calibrate"):
+            load_quality(DEFAULT_QUALITY_FILE)
+
+
+def _hand_model() -> QualityModel:
+    def kind(base: float, relative: dict[str, float]) -> KindQuality:
+        return KindQuality(4, base, relative, [(0.5, 0.4), (1.0, 1.0)], [10, 20])
+
+    return QualityModel(
+        "m",
+        "f",
+        {"name": "s", "sha256": "0"},
+        {
+            "code": kind(0.5, {"weights:int8": 0.9, "alpha:0.5": 0.8, "alpha:0.75": 0.6}),
+            "all": kind(0.4, {"weights:int8": 0.95, "rho:0.5": 0.7, "alpha:0.5": 0.9}),
+        },
+    )
+
+
+def test_score_is_base_times_one_factor_per_knob() -> None:
+    q = _hand_model()
+    assert q.score("code", "fp32", 0, 0) == pytest.approx(0.5)
+    assert q.score("code", "int8", 0, 0.5) == pytest.approx(0.5 * 0.9 * 0.8)
+    assert q.score("code", "int8", 0.5, 0.75) == pytest.approx(0.5 * 0.9 * 0.7 * 0.6)  # ρ from "all"
+    assert q.score("code", "fp32", 0, 0.25) == pytest.approx(0.5 * 0.9)  # halfway from (0, 1) to (0.5, 0.8)
+    assert q.score("code", "fp32", 0, 0.625) == pytest.approx(0.5 * 0.7)
+    assert q.score("code", "fp32", 0, 0.95) == pytest.approx(0.5 * 0.6)  # past the last measurement: held
+    assert q.score("summary", "int8", 0, 0) == pytest.approx(0.4 * 0.95)  # unknown kind → all
+    assert q.score(None, "fp32", 0.25, 0) == pytest.approx(0.4 * 0.85)
+    with pytest.raises(InvalidInputError, match="int4"):
+        q.score("code", "int4", 0, 0)
+    with pytest.raises(InvalidInputError):
+        q.score("code", "fp32", 1.0, 0)
+
+
+def test_partial_and_length_prior() -> None:
+    q = _hand_model()
+    assert q.partial("code", 0.25) == pytest.approx(0.2)
+    assert q.partial("code", 0.75) == pytest.approx(0.7)
+    assert q.partial("code", 2.0) == 1.0 and q.partial(None, -1) == 0.0
+    assert q.length_prior("chat") == [10, 20]
+
+
+# ------------------------------------------------------------------------------ the calibration suite
+def _rows(path: Path) -> tuple[dict, list[dict]]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rows[0], rows[1:]
+
+
+def test_calibration_suite_is_marked_and_names_the_suite_it_excludes() -> None:
+    header, tasks = _rows(CALIBRATION_SUITE)
+    eval_suite = read_suite(EVAL_SUITE)
+    assert header["purpose"] == "calibration" and header["name"] == "calibration-v1"
+    assert header["excludes"] == {"name": "longbench-style-v1", "sha256": eval_suite.sha256}
+    assert {k: sum(t["kind"] == k for t in tasks) for k in ("retrieval", "code", "chat")} == {
+        "retrieval": 8,
+        "code": 8,
+        "chat": 8,
+    }
+    assert all(512 <= t["prompt_tokens"] <= 8192 - t["max_new_tokens"] for t in tasks)
+
+
+def test_calibration_suite_shares_no_source_with_the_evaluation_suite() -> None:
+    _, cal = _rows(CALIBRATION_SUITE)
+    _, ev = _rows(EVAL_SUITE)
+
+    def used(tasks: list[dict], kind: str, field: str) -> set:
+        out: set = set()
+        for t in tasks:
+            if t["kind"] == kind:
+                value = t["source"][field]
+                out.update(value if isinstance(value, list) else [value])
+        return out
+
+    assert not used(cal, "code", "file") & used(ev, "code", "file")
+    assert not used(cal, "chat", "sharegpt_index") & used(ev, "chat", "sharegpt_index")
+    assert not used(cal, "retrieval", "essays") & used(ev, "retrieval", "essays")
+    assert len(used(cal, "code", "file")) == 8 and len(used(cal, "chat", "sharegpt_index")) == 8
+
+
+def test_calibrate_refuses_the_evaluation_suite(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app,
+        ["calibrate", "--suite", str(EVAL_SUITE), "--fit-only", "--runs", str(tmp_path), "--out", str(tmp_path / "q")],
+    )
+    assert result.exit_code == 2
+    assert "evaluation suite" in result.output and "leak" in result.output
+    assert not (tmp_path / "q").exists()
