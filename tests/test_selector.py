@@ -1,0 +1,96 @@
+"""The expected-score planner on the real engine: the chosen θ is what runs, the guard holds, refusals are clear."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from timebill.bench.methods import ExpectedScoreMethod, Resources, Scorer, outcome
+from timebill.bench.suite import Task
+from timebill.errors import InfeasibleBudgetError, InvalidInputError
+from timebill.quality import KindQuality, QualityModel
+from timebill.selector import Selector
+
+PROMPT = (
+    "Here are some notes about the harbour.\n"
+    + " ".join(f"Line {i}: the boats in the harbour were painted blue and green." for i in range(60))
+    + "\nQuestion: what colours were the boats?"
+)
+
+
+def _quality(alpha_factor: float) -> QualityModel:
+    """Measurements as a calibration run would record them; ``alpha:0.75`` scaled by ``alpha_factor``."""
+    kq = KindQuality(
+        n=4,
+        base=0.5,
+        relative={
+            "weights:int8": 0.9,
+            "weights:int4": 0.9,
+            "alpha:0.25": 1.0,
+            "alpha:0.5": 1.0,
+            "alpha:0.75": alpha_factor,
+            "alpha:0.95": 0.3,
+            "rho:0.5": 0.8,
+        },
+        partial=[(0.5, 0.5), (1.0, 1.0)],
+        lengths=[8, 12, 16, 16],
+    )
+    return QualityModel("SmolLM2-135M-Instruct", "test", {"name": "hand-built", "sha256": "0"}, {"all": kq})
+
+
+def test_the_chosen_configuration_is_what_runs(engine, estimator) -> None:
+    # a profile without the compressor's timing cannot price ρ > 0: those candidates are left out
+    untimed = copy.copy(estimator)
+    untimed.compressor_fits = {}
+    selector = Selector({"fp32": engine}, {"fp32": untimed}, _quality(alpha_factor=1.2))
+    assert {c.knobs.rho for c in selector.candidates(None)} == {0.0}
+    assert {c.knobs.rho for c in Selector({"fp32": engine}, {"fp32": estimator}, _quality(1.0)).candidates(None)} == {
+        0.0,
+        0.25,
+        0.5,
+        0.75,
+        0.9,
+    }
+    out = selector.generate(PROMPT, 60.0, policy="kill", max_new_tokens=16)
+    best = out.selection.choice.best
+    assert best is not None and best.knobs.alpha == 0.75  # the quality model says α = 0.75 is best here
+    gen = out.generation
+    assert gen.alpha == 0.75 and gen.kept_kv_tokens < gen.prompt_tokens  # and the engine really evicted
+    assert out.deadline_met and len(gen.token_ids) >= 1
+    record = out.to_record()
+    assert record["plan"]["chosen"]["configuration"] == "fp32+a0.75"
+    assert len(record["plan"]["runners_up"]) == 3
+    assert 0.0 < out.selection.plan_s < 1.0
+    assert "P(finish)" in out.summary_line()
+
+
+def test_quality_decides_and_vanilla_wins_when_eviction_costs(engine, estimator) -> None:
+    selector = Selector({"fp32": engine}, {"fp32": estimator}, _quality(alpha_factor=0.5), rhos=(0.0,))
+    selection, _ = selector.plan(PROMPT, 60.0, policy="guard", max_new_tokens=16)
+    assert selection.knobs is not None and selection.knobs.alpha in (0.0, 0.25, 0.5)  # all score 1.0 × base
+    assert selection.choice.best.expected_score == pytest.approx(0.5)
+
+
+def test_a_budget_nothing_fits_is_refused_before_any_work(engine, estimator) -> None:
+    selector = Selector({"fp32": engine}, {"fp32": estimator}, _quality(alpha_factor=1.0))
+    with pytest.raises(InfeasibleBudgetError) as info:
+        selector.generate(PROMPT, 0.001, max_new_tokens=16)
+    assert info.value.earliest_feasible_s > 0.001
+    with pytest.raises(InvalidInputError, match="positive"):
+        selector.generate(PROMPT, -1.0)
+    with pytest.raises(InvalidInputError):
+        Selector({"fp32": engine}, {}, _quality(1.0))
+
+
+def test_the_bench_method_records_the_choice_and_reads_like_any_run(engine, estimator) -> None:
+    selector = Selector({"fp32": engine}, {"fp32": estimator}, _quality(alpha_factor=1.2), rhos=(0.0,))
+    resources = Resources(engine, make_selector=lambda res: selector)
+    task = Task("t1", "retrieval", "qa_f1", PROMPT, ("blue and green",), 16)
+    record = ExpectedScoreMethod("timebill-kill", policy="kill").run(resources, task, 60.0)
+    assert record["configuration"] == "fp32+a0.75" and record["planner"] == "expected"
+    assert 0 < record["p_finish"] <= 1 and record["token_times_s"][-1] <= 60.0
+    job = outcome({**record, "key": "k"}, task, 60.0, Scorer(resources.decode))
+    assert job.answered and job.finished == (record["stop_reason"] in ("eos", "max_tokens"))
+    refused = ExpectedScoreMethod("timebill-kill").run(resources, task, 0.001)
+    assert refused["stop_reason"] == "refused" and refused["token_ids"] == []
