@@ -367,6 +367,7 @@ def _results(
         "",
         *_claims(data.methods, ev, "skip-next"),
         "",
+        *_expected_claims(data.methods, ev, out),
         "What makes a budget hard (share of jobs):",
         "",
         *_diagnostics(ev),
@@ -399,6 +400,25 @@ def _results(
     if ev.missing:
         md += ["## Missing runs (cells shown as –)", "", *[f"- {m}" for m in ev.missing], ""]
     return md
+
+
+def _expected_claims(methods: Sequence[Method], ev: Evaluation, out: Path) -> list[str]:
+    """The expected-score planner's claims (:mod:`timebill.bench.claims`), also written as ``claims.json``."""
+    from timebill.bench.claims import GUARD_METHOD, KILL_METHOD, claims, claims_lines, write_claims
+
+    names = {m.name for m in methods}
+    if not names & {KILL_METHOD, GUARD_METHOD}:
+        return []
+    data = claims(ev, methods)
+    write_claims(out, data)
+    return [
+        "## The expected-score planner's claims (Kill and guard; `claims.json`)",
+        "",
+        f"Kill: {data['targets']['kill']}. Guard: {data['targets']['guard']}.",
+        "",
+        *claims_lines(data),
+        "",
+    ]
 
 
 def write_report(data: BenchData, out_dir: str | os.PathLike[str], scorer: Scorer, info: dict[str, Any]) -> Path:

@@ -242,6 +242,13 @@ class Simulation:
     overhead_s: float = 0.0
     in_sample: bool = False
 
+    def recorded_fixed(self) -> list[str]:
+        """The recorded budget-independent configurations (the claims' references)."""
+        from timebill.bench.methods import FixedAlpha, method_registry
+
+        registry = method_registry()
+        return [n for n in self.recorded if isinstance(registry.get(n), FixedAlpha)]
+
     def rows(self) -> list[Method]:
         names = [*self.recorded, *(planner_label(p) for p in self.planners)]
         return [SimulatedMethod(n) for n in names]
@@ -358,7 +365,25 @@ def simulate(
                 found = ev.cells.get((f"{SIM_PREFIX}{planner}@{policy}", col.key, policy))
                 if found is not None:
                     cells[(planner_label(planner), col.key, policy)] = found
-    shown = Evaluation(cells, {}, [m for m in ev.missing if not m.startswith(SIM_PREFIX)], ev.columns, ev.x_label)
+    jobs: dict[str, dict[tuple[str, float], list[tuple[str, float]]]] = {"kill": {}, "guard": {}}
+    for policy, source in (("kill", ev.kill_jobs), ("guard", ev.guard_jobs)):
+        for (name, key), found in source.items():
+            if name in recorded:
+                jobs[policy][(name, key)] = found
+        for planner in planners:  # a planner's jobs under the policy it was scored by
+            for col in ev.columns:
+                found = source.get((f"{SIM_PREFIX}{planner}@{policy}", col.key))
+                if found is not None:
+                    jobs[policy][(planner_label(planner), col.key)] = found
+    shown = Evaluation(
+        cells,
+        {},
+        [m for m in ev.missing if not m.startswith(SIM_PREFIX)],
+        ev.columns,
+        ev.x_label,
+        kill_jobs=jobs["kill"],
+        guard_jobs=jobs["guard"],
+    )
     return Simulation(shown, recorded, list(planners), choices, overhead_s, in_sample)
 
 
@@ -407,6 +432,13 @@ def simulation_markdown(sim: Simulation, dirs: Sequence[str], command: str) -> s
     for policy in POLICIES:
         md += [f"## Average score (completion rate) — {policy}", "", *policy_lines(sim, policy), ""]
     md += ["## What the planners chose", "", *_choice_lines(sim, ev.columns)]
+    kill, guard = planner_label("expected-kill"), planner_label("expected-guard")
+    rows = {m.name for m in sim.rows()}
+    if kill in rows or guard in rows:
+        from timebill.bench.claims import claims, claims_lines
+
+        data = claims(ev, sim.rows(), kill_method=kill, guard_method=guard, fixed=sim.recorded_fixed())
+        md += ["", "## The expected-score planner's claims, simulated", "", *claims_lines(data)]
     return "\n".join(md)
 
 

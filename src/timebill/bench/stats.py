@@ -42,6 +42,8 @@ class Evaluation:
     diagnostics: dict[float, dict[str, tuple[int, int] | None]] = field(default_factory=dict)
     # Kill-policy score of every job, by (method, column key): what the claims' bootstrap resamples.
     kill_jobs: dict[tuple[str, float], list[tuple[str, float]]] = field(default_factory=dict)
+    # The same for the guard policy (a partial answer counts): its claims are bootstrapped too.
+    guard_jobs: dict[tuple[str, float], list[tuple[str, float]]] = field(default_factory=dict)
 
 
 def _records_at(data: BenchData, method: Method, budget_s: float) -> list[dict[str, Any]] | None:
@@ -64,6 +66,7 @@ def evaluate(data: BenchData, scorer: Scorer) -> Evaluation:
     tightest_words = f"T = {data.budgets[0]:g} s" if data.budgets else ""
     cells: dict[tuple[str, float, str], PolicySummary] = {}
     kill_jobs: dict[tuple[str, float], list[tuple[str, float]]] = {}
+    guard_jobs: dict[tuple[str, float], list[tuple[str, float]]] = {}
     missing: list[str] = []
     for method in data.methods:
         for budget in data.budgets:
@@ -74,8 +77,9 @@ def evaluate(data: BenchData, scorer: Scorer) -> Evaluation:
             for name, policy in POLICIES.items():
                 scores = policy.apply(jobs, budget)
                 cells[(method.name, budget, name)] = PolicySummary.of(name, scores)
-                if name == "kill":
-                    kill_jobs[(method.name, budget)] = [(j.task_id, j.score) for j in scores]
+                if name in ("kill", "guard"):
+                    jobs_of = kill_jobs if name == "kill" else guard_jobs
+                    jobs_of[(method.name, budget)] = [(j.task_id, j.score) for j in scores]
     k_cells: dict[int, PolicySummary] = {}
     if data.budgets:
         tightest = data.budgets[0]
@@ -87,7 +91,14 @@ def evaluate(data: BenchData, scorer: Scorer) -> Evaluation:
             k_cells[int(method.k)] = POLICIES["kill"].summarise(k_jobs, tightest)  # type: ignore[attr-defined]
     diagnostics = {b: _diagnostic_counts(data, b) for b in data.budgets}
     return Evaluation(
-        cells, k_cells, missing, columns, tightest=tightest_words, diagnostics=diagnostics, kill_jobs=kill_jobs
+        cells,
+        k_cells,
+        missing,
+        columns,
+        tightest=tightest_words,
+        diagnostics=diagnostics,
+        kill_jobs=kill_jobs,
+        guard_jobs=guard_jobs,
     )
 
 
@@ -145,14 +156,17 @@ def combine(parts: Sequence[BenchData], scorer: Scorer) -> tuple[Evaluation, Ben
     evs = [evaluate(p, scorer) for p in parts]
     cells: dict[tuple[str, float, str], PolicySummary] = {}
     kill_jobs: dict[tuple[str, float], list[tuple[str, float]]] = {}
+    guard_jobs: dict[tuple[str, float], list[tuple[str, float]]] = {}
     missing: list[str] = []
     for method in parts[0].methods:
         for col in columns:
-            found_jobs = [
-                ev.kill_jobs.get((method.name, p.budgets[int(col.key)])) for ev, p in zip(evs, parts, strict=True)
-            ]
-            if all(j is not None for j in found_jobs):
-                kill_jobs[(method.name, col.key)] = [job for jobs in found_jobs for job in jobs]  # type: ignore[union-attr]
+            for mine, theirs in ((kill_jobs, "kill_jobs"), (guard_jobs, "guard_jobs")):
+                found_jobs = [
+                    getattr(ev, theirs).get((method.name, p.budgets[int(col.key)]))
+                    for ev, p in zip(evs, parts, strict=True)
+                ]
+                if all(j is not None for j in found_jobs):
+                    mine[(method.name, col.key)] = [job for jobs in found_jobs for job in jobs]  # type: ignore[union-attr]
             for policy in POLICIES:
                 found = [
                     ev.cells.get((method.name, p.budgets[int(col.key)], policy))
@@ -194,6 +208,7 @@ def combine(parts: Sequence[BenchData], scorer: Scorer) -> tuple[Evaluation, Ben
         tightest=f"the tightest level, {columns[0].header}",
         diagnostics=diagnostics,
         kill_jobs=kill_jobs,
+        guard_jobs=guard_jobs,
     )
     return ev, union
 
