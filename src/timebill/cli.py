@@ -994,10 +994,11 @@ def bench_suite(
 @app.command("calibrate")
 def calibrate(
     suite: Annotated[
-        str, typer.Option(help="Calibration suite (never the evaluation suite).")
-    ] = "benchmarks/suites/calibration-v1.jsonl",
+        str | None,
+        typer.Option(help="Calibration suite, never the evaluation suite (default: benchmarks/suites/calibration-v1)."),
+    ] = None,
     runs: Annotated[
-        str | None, typer.Option(help="Bench output directory for the runs (default: <out>-runs beside --out).")
+        str | None, typer.Option(help="Bench output directory for the runs (default: the cache, named after --out).")
     ] = None,
     out: Annotated[str | None, typer.Option(help="Quality file to write (default: the shipped one).")] = None,
     methods: Annotated[
@@ -1017,11 +1018,11 @@ def calibrate(
     """Measure the quality model Q(weights, ρ, α | kind) on the calibration suite and write it atomically."""
     from timebill import quality as q
     from timebill.bench.methods import Resources
-    from timebill.bench.suite import read_suite
+    from timebill.bench.suite import default_suite_path, read_suite
     from timebill.engine import Engine
 
     try:
-        task_file = read_suite(suite)
+        task_file = read_suite(suite or default_suite_path().with_name("calibration-v1.jsonl"))
         q.check_calibration_suite(task_file)  # before loading any model
         target = out or q.DEFAULT_QUALITY_FILE
         runs_dir = runs or q.default_runs_dir(target)
