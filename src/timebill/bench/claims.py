@@ -31,6 +31,7 @@ KILL_TARGET_LOOSE = 1.0  # the two loosest: time no longer binds there
 GUARD_TARGET_VANILLA = 1.10
 GUARD_TARGET_OTHERS = 1.0
 TIGHT_LEVELS = 4
+PLANNING_OVERHEAD_MAX = 0.02  # of the budget, every run
 CLAIMS_VERSION = 1
 
 
@@ -55,10 +56,13 @@ def claims(
     kill_method: str = KILL_METHOD,
     guard_method: str = GUARD_METHOD,
     fixed: Sequence[str] | None = None,
+    records: dict[str, dict[str, dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """Per level and policy: TimeBill's score, the reference's name and score, the ratio, its CI, completions.
 
     ``fixed``: the budget-independent configurations to compare with (default: every :class:`FixedAlpha`).
+    ``records`` (method → run key → record): the planner's runs, whose measured ``plan_s`` (tokenising and
+    choosing, on the request's clock) against their budget is the planning-overhead claim (≤ 2 % of T).
     """
     if fixed is None:
         fixed = [m.name for m in methods if isinstance(m, FixedAlpha)]
@@ -109,6 +113,21 @@ def claims(
                 "met": ratio_v >= GUARD_TARGET_VANILLA and ratio_w >= GUARD_TARGET_OTHERS,
             }
         levels.append(entry)
+    overhead = []
+    for name in (kill_method, guard_method):
+        for r in (records or {}).get(name, {}).values():
+            if r.get("plan_s") is not None and r.get("budget_s"):
+                overhead.append(float(r["plan_s"]) / float(r["budget_s"]))
+    overhead.sort()
+    planning = None
+    if overhead:
+        planning = {
+            "runs": len(overhead),
+            "median_fraction_of_budget": round(overhead[len(overhead) // 2], 5),
+            "max_fraction_of_budget": round(overhead[-1], 5),
+            "target": PLANNING_OVERHEAD_MAX,
+            "met": overhead[-1] <= PLANNING_OVERHEAD_MAX,
+        }
     return {
         "format": "timebill-claims",
         "format_version": CLAIMS_VERSION,
@@ -120,6 +139,7 @@ def claims(
         },
         "fixed_configurations": fixed,
         "levels": levels,
+        "planning_overhead": planning,
     }
 
 
@@ -164,6 +184,14 @@ def claims_lines(data: dict[str, Any]) -> list[str]:
             f"{rw}{ci(g['ratio_vs_strongest_other_ci90'])} | "
             f"{'yes' if g['met'] else '**no**'} |"
         )
+    p = data.get("planning_overhead")
+    if p:
+        lines += [
+            "",
+            f"Planning overhead (tokenising + choosing, on the request's clock) over {p['runs']} planned runs: median "
+            f"{100 * p['median_fraction_of_budget']:.2f} %, max {100 * p['max_fraction_of_budget']:.2f} % of the "
+            f"budget (target ≤ {100 * p['target']:.0f} %: {'met' if p['met'] else '**missed**'}).",
+        ]
     return lines
 
 

@@ -367,7 +367,7 @@ def _results(
         "",
         *_claims(data.methods, ev, "skip-next"),
         "",
-        *_expected_claims(data.methods, ev, out),
+        *_expected_claims(data, ev, out),
         "What makes a budget hard (share of jobs):",
         "",
         *_diagnostics(ev),
@@ -402,14 +402,14 @@ def _results(
     return md
 
 
-def _expected_claims(methods: Sequence[Method], ev: Evaluation, out: Path) -> list[str]:
+def _expected_claims(bench: BenchData, ev: Evaluation, out: Path) -> list[str]:
     """The expected-score planner's claims (:mod:`timebill.bench.claims`), also written as ``claims.json``."""
     from timebill.bench.claims import GUARD_METHOD, KILL_METHOD, claims, claims_lines, write_claims
 
-    names = {m.name for m in methods}
+    names = {m.name for m in bench.methods}
     if not names & {KILL_METHOD, GUARD_METHOD}:
         return []
-    data = claims(ev, methods)
+    data = claims(ev, bench.methods, records=bench.records)
     write_claims(out, data)
     return [
         "## The expected-score planner's claims (Kill and guard; `claims.json`)",
