@@ -52,6 +52,11 @@ def test_the_chosen_configuration_is_what_runs(engine, estimator) -> None:
         0.75,
         0.9,
     }
+    # by default one knob at a time (what calibration measured): vanilla + 4 ρ + 4 α on one weights mode
+    assert len(Selector({"fp32": engine}, {"fp32": estimator}, _quality(1.0)).candidates(None)) == 9
+    assert (
+        len(Selector({"fp32": engine}, {"fp32": estimator}, _quality(1.0), combine_knobs=True).candidates(None)) == 25
+    )
     out = selector.generate(PROMPT, 60.0, policy="kill", max_new_tokens=16)
     best = out.selection.choice.best
     assert best is not None and best.knobs.alpha == 0.75  # the quality model says α = 0.75 is best here

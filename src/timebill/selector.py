@@ -162,7 +162,12 @@ class Selector:
         compressor: str = DEFAULT_COMPRESSOR,
         time_error: TimeError = DEFAULT_TIME_ERROR,
         press: str = "snapkv",
+        combine_knobs: bool = False,
     ) -> None:
+        """``combine_knobs=False`` (default): only configurations that turn one knob at a time (vanilla, each
+        weights mode, each ρ, each α: what the calibration suite measured directly). True also offers their
+        combinations (int4 + ρ 0.5 + α 0.75 …), whose quality is the product of the one-knob factors: an
+        assumption the calibration does not check, so it is opt-in."""
         modes = [w for w in engines if w in estimators]
         if not modes:
             raise InvalidInputError("a Selector needs at least one weights mode with both an engine and a profile")
@@ -174,6 +179,7 @@ class Selector:
         self.compressor = compressor
         self.time_error = time_error
         self.press = press
+        self.combine_knobs = combine_knobs
         self.tokenizer_engine = self.engines.get("fp32") or next(iter(self.engines.values()))
 
     @classmethod
@@ -214,6 +220,8 @@ class Selector:
             timed = self.compressor in getattr(est, "compressor_fits", {})
             for rho in self.rhos if timed else [r for r in self.rhos if r == 0]:
                 for alpha in self.alphas:
+                    if not self.combine_knobs and (w != "fp32") + (rho > 0) + (alpha > 0) > 1:
+                        continue
                     knobs = Knobs(w, rho, alpha, self.compressor)
                     q = self.quality.score(kind, w, rho, alpha)
                     out.append(Candidate(knobs, EstimatorTime(est, rho, alpha, self.compressor), q))
