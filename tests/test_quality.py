@@ -127,11 +127,17 @@ def test_load_errors_say_what_to_do(fitted: QualityModel, tmp_path: Path) -> Non
     assert issubclass(QualityError, TimeBillError)
 
 
-def test_default_quality_file_missing_is_a_clear_error(tmp_path: Path) -> None:
+def test_the_shipped_quality_file_is_for_the_shipped_model_and_a_missing_one_is_a_clear_error(tmp_path: Path) -> None:
     assert DEFAULT_QUALITY_FILE.name == "quality-smollm2-135m.json"
-    if not DEFAULT_QUALITY_FILE.exists():
-        with pytest.raises(QualityError, match="timebill calibrate"):
-            load_quality(DEFAULT_QUALITY_FILE)
+    manifest = json.loads((ROOT / "docs" / "results" / "calibration-v1" / "manifest.json").read_text())
+    shipped = load_quality(DEFAULT_QUALITY_FILE, model_fingerprint=manifest["model_fingerprint"])
+    assert shipped.suite["name"] == "calibration-v1"
+    assert set(shipped.kinds) == {"retrieval", "code", "chat", "all"} and shipped.kinds["all"].n == 24
+    for kind in shipped.kinds:  # every one-knob configuration the planner offers is priced
+        for w, rho, alpha in [("int8", 0, 0), ("int4", 0, 0), ("fp32", 0.9, 0), ("fp32", 0, 0.95)]:
+            assert 0.0 <= shipped.score(kind, w, rho, alpha) <= 1.0
+    with pytest.raises(QualityError, match="timebill calibrate"):
+        load_quality(tmp_path / "nowhere.json")
 
 
 def _hand_model() -> QualityModel:
