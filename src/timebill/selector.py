@@ -243,6 +243,7 @@ class Selector:
         max_new_tokens: int = 256,
         spent_s: float = 0.0,
     ) -> Choice:
+        """The ranked candidates for a prompt of ``n_prompt`` tokens (no model work: pure planning)."""
         length = self.length_distribution(kind, max_new_tokens)
         return choose(
             self.candidates(kind),
@@ -273,18 +274,16 @@ class Selector:
             raise InvalidInputError(f"time budget must be a positive number of seconds, got {time_budget!r}")
         ids = self.tokenizer_engine.encode(prompt, chat=chat)
         check_max_new_tokens(max_new_tokens)
-        length = self.length_distribution(kind, max_new_tokens)
-        choice = choose(
-            self.candidates(kind),
-            n_prompt=len(ids),
-            budget_s=float(time_budget),
-            length=length,
+        choice = self.select(
+            len(ids),
+            float(time_budget),
             policy=policy,
-            time_error=self.time_error,
-            partial=lambda f: self.quality.partial(kind, f),
+            kind=kind,
+            max_new_tokens=max_new_tokens,
             spent_s=time.perf_counter() - t_start,
         )
         plan_s = time.perf_counter() - t_start
+        length = self.length_distribution(kind, max_new_tokens)
         return Selection(choice, len(ids), float(time_budget), policy, kind, plan_s, length), ids
 
     def generate(
