@@ -16,7 +16,6 @@ and a :class:`~timebill.quality.QualityModel` measured on the calibration suite.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -242,9 +241,10 @@ class Selector:
         kind: str | None = None,
         max_new_tokens: int = 256,
         spent_s: float = 0.0,
+        length: LengthDistribution | None = None,
     ) -> Choice:
         """The ranked candidates for a prompt of ``n_prompt`` tokens (no model work: pure planning)."""
-        length = self.length_distribution(kind, max_new_tokens)
+        length = length or self.length_distribution(kind, max_new_tokens)
         return choose(
             self.candidates(kind),
             n_prompt=n_prompt,
@@ -269,22 +269,22 @@ class Selector:
         t_start: float | None = None,
     ) -> tuple[Selection, list[int]]:
         """The choice for this request without running it (``--dry-run``), and the prompt's token ids."""
+        from timebill.facade import parse_budget
+
         t_start = time.perf_counter() if t_start is None else t_start
-        if not (isinstance(time_budget, (int, float)) and math.isfinite(time_budget) and time_budget > 0):
-            raise InvalidInputError(f"time budget must be a positive number of seconds, got {time_budget!r}")
+        budget_s = parse_budget(time_budget)
         ids = self.tokenizer_engine.encode(prompt, chat=chat)
-        check_max_new_tokens(max_new_tokens)
+        length = self.length_distribution(kind, check_max_new_tokens(max_new_tokens))
         choice = self.select(
             len(ids),
-            float(time_budget),
+            budget_s,
             policy=policy,
             kind=kind,
-            max_new_tokens=max_new_tokens,
             spent_s=time.perf_counter() - t_start,
+            length=length,
         )
         plan_s = time.perf_counter() - t_start
-        length = self.length_distribution(kind, max_new_tokens)
-        return Selection(choice, len(ids), float(time_budget), policy, kind, plan_s, length), ids
+        return Selection(choice, len(ids), budget_s, policy, kind, plan_s, length), ids
 
     def generate(
         self,

@@ -227,6 +227,19 @@ class FixedAlpha(Method):
         return f"{what}, {self.weights} weights (one run per task; budgets applied to its trace)"
 
 
+def refused_record(exc: InfeasibleBudgetError, t0: float, **extra: Any) -> dict[str, Any]:
+    """The run record of a request refused before any work: no tokens, the refusal's words, time to refuse."""
+    return {
+        "text": "",
+        "token_ids": [],
+        "token_times_s": [],
+        "stop_reason": STOP_REFUSED,
+        "e2e_s": time.perf_counter() - t0,
+        "refused": str(exc),
+        **extra,
+    }
+
+
 #: A TimeBill run's record field ← the :meth:`TimeBillResult.to_record` field it holds. The run files
 #: predate that record and keep their own (shorter) names, so that old and new runs read alike.
 _RECORD_FIELDS = {
@@ -276,15 +289,7 @@ class TimeBillMethod(Method):
         try:
             result = tb.generate(task.prompt, budget_s, options, chat=task.chat)
         except InfeasibleBudgetError as exc:
-            return {
-                "text": "",
-                "token_ids": [],
-                "token_times_s": [],
-                "stop_reason": STOP_REFUSED,
-                "e2e_s": time.perf_counter() - t0,
-                "refused": str(exc),
-                "predictor": resources.predictor_label,
-            }
+            return refused_record(exc, t0, predictor=resources.predictor_label)
         full = result.to_record()
         gen = result.generation
         record = {name: full[source] for name, source in _RECORD_FIELDS.items()}
@@ -336,15 +341,7 @@ class ExpectedScoreMethod(Method):
                 t_start=t0,
             )
         except InfeasibleBudgetError as exc:
-            return {
-                "text": "",
-                "token_ids": [],
-                "token_times_s": [],
-                "stop_reason": STOP_REFUSED,
-                "e2e_s": time.perf_counter() - t0,
-                "refused": str(exc),
-                "planner": "expected",
-            }
+            return refused_record(exc, t0, planner="expected")
         gen = out.generation
         times = list(gen.token_times_s)
         best = out.selection.choice.best
