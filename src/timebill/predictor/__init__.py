@@ -16,7 +16,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from timebill.predictor.constant import ConstantLengthPredictor, ConstantPrediction
+from timebill.predictor.constant import (
+    ConstantLengthPredictor,
+    ConstantPrediction,
+    constant_length_predictor,
+    parse_constant_spec,
+)
 
 __all__ = [
     "DATA_DIR",
@@ -25,6 +30,7 @@ __all__ = [
     "DEFAULT_RLP_FILE",
     "ConstantLengthPredictor",
     "ConstantPrediction",
+    "constant_length_predictor",
     "load_default_predictor",
     "load_predictor",
 ]
@@ -64,19 +70,25 @@ def load_predictor(path: str | os.PathLike[str], engine: object, target_engine: 
 def load_default_predictor(engine: object, path: str | os.PathLike[str] | None = None) -> object:
     """The predictor TimeBill uses: ``path`` if given, else the one shipped for the default model.
 
-    ``path`` may also be ``"rlp"`` or ``"probe"`` to pick one of the shipped files.
+    ``path`` may also be ``"rlp"`` or ``"probe"`` to pick one of the shipped files, or ``"constant:N"``
+    for the stand-in that predicts N tokens for every prompt (the only choice for a model nothing was
+    trained for until its predictor is, so that its budgets can be planned at all).
     """
     from timebill.errors import PredictorError
     from timebill.loading import DEFAULT_MODEL_ID
 
+    length = parse_constant_spec(str(path)) if path is not None else None
+    if length is not None:
+        return constant_length_predictor(length)
     shipped = {"rlp": DEFAULT_RLP_FILE, "probe": DEFAULT_PROBE_FILE}
     if path is not None and str(path) not in shipped:
         return load_predictor(path, engine)
     model_id = getattr(getattr(engine, "source", None), "model_id", None)
     if model_id != DEFAULT_MODEL_ID:
         raise PredictorError(
-            f"No length predictor ships for {model_id!r} (only for {DEFAULT_MODEL_ID}). Label and train one: "
-            "`timebill rlp label --model M --out L.jsonl` then "
+            f"No length predictor ships for {model_id!r} (only for {DEFAULT_MODEL_ID}). Pass "
+            "`--predictor constant:N` to plan with the stand-in N̂ = N tokens for every prompt (worst case k·N), "
+            "or label and train one: `timebill rlp label --model M --out L.jsonl` then "
             "`timebill rlp train --model M --labels L.jsonl --out P.pt`, and pass that file."
         )
     return load_predictor(shipped.get(str(path), DEFAULT_PREDICTOR_FILE), engine)

@@ -1,13 +1,17 @@
 """A stand-in length predictor: the same length N̂ for every prompt, with a fixed rule for upper(δ).
 
-Used where no trained predictor is wanted: ``--predictor constant:N`` in the benchmark and load test,
-tests of the request path, and the server's "plan for the longest answer" hint. Stdlib only (no torch).
+Used where no trained predictor is wanted or none exists: ``--predictor constant:N`` in ``generate``,
+``serve``, the benchmark and load test (a model other than the default ships no trained predictor), tests
+of the request path, and the server's "plan for the longest answer" hint. Stdlib only (no torch).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+from timebill.errors import InvalidInputError
+from timebill.options import DEFAULT_K
 
 
 @dataclass(frozen=True)
@@ -46,3 +50,25 @@ class ConstantLengthPredictor:
     def predict(self, prompt: str) -> ConstantPrediction:
         self.calls += 1
         return ConstantPrediction(self.length, self.spread, self.log_divisor)
+
+
+def constant_length_predictor(length: int) -> ConstantLengthPredictor:
+    """The stand-in length predictor of ``--predictor constant:N``: N̂ = N for every prompt.
+
+    Reports label it loudly: TimeBill numbers measured with it say nothing about a trained predictor.
+    With no calibration data its "calibrated" bound upper(δ) is k = 5 times N, so ``--bound conformal``
+    plans as the default k bound does.
+    """
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise InvalidInputError(f"a constant length prediction must be an integer >= 1, got {length!r}")
+    return ConstantLengthPredictor(float(length), spread=float(DEFAULT_K))
+
+
+def parse_constant_spec(spec: str) -> int | None:
+    """``"constant:64"`` → 64; anything else → None (a predictor file or shipped name)."""
+    if not spec.startswith("constant:"):
+        return None
+    try:
+        return int(spec.split(":", 1)[1])
+    except ValueError as exc:
+        raise InvalidInputError(f"--predictor constant:N needs an integer N, got {spec!r}") from exc
