@@ -227,3 +227,16 @@ def test_real_qwen2_int4_tracks_fp32(real: Engine) -> None:
     ids = real.encode(REAL_PROMPT)
     tokens = real.generate(ids, max_new_tokens=16).token_ids
     assert teacher_forced_agreement(FastDecoder(real.model, weights="int4"), real, ids, tokens) >= 0.8
+
+
+def test_alpha_zero_fp32_equals_model_generate(model: PreTrainedModel, fast: Engine) -> None:
+    """The contract users see: greedy tokens identical to HF's own ``model.generate`` (not only our HF path)."""
+    ids = fast.encode(PROMPTS[1])
+    out = fast.generate(ids, max_new_tokens=20)
+    with torch.inference_mode():
+        gen = model.generate(
+            torch.tensor([ids]), do_sample=False, max_new_tokens=20, eos_token_id=None, pad_token_id=0
+        )[0, len(ids) :].tolist()
+    assert out.token_ids == gen[: len(out.token_ids)]
+    if out.stop_reason == "max_tokens":
+        assert len(out.token_ids) == len(gen)
