@@ -47,11 +47,13 @@ lint: install
 # llama.cpp is a benchmark baseline only: it compiles from source (~10 min here), so it is never part
 # of the default install or CI.
 bench-install: install
-	# -march=native (the default) enables AMX kernels that segfault here; pin the x86-64 AVX512 feature set,
-	# and replace any earlier (native) build: pip would otherwise keep it as "already satisfied".
+	# Built for this CPU (-march=native: a fixed ISA list either leaves speed on the table or, as
+	# GGML_AVX_VNNI did on an AMD EPYC family 25 without AVX-VNNI, dies with SIGILL), minus AMX, whose
+	# kernels segfaulted on an AMX Xeon here (explicit -mno-* flags win over -march=native in GCC).
+	# Replaces any earlier build: pip would otherwise keep it as "already satisfied".
 	-$(BIN)/python -m pip uninstall -q -y llama-cpp-python
-	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
-	  -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF" \
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF \
+	  -DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'" \
 	  CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/python -m pip install -q --no-cache-dir 'llama-cpp-python==0.3.36'
 
 clean:

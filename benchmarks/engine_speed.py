@@ -37,6 +37,7 @@ import torch
 from timebill.engine import Engine
 from timebill.estimator.flops import ModelShape, prefill_flops
 from timebill.estimator.store import cpu_model_name, cpu_signature
+from timebill.kernels import cpu_capability
 
 
 def real_text_ids(engine: Engine, n_tokens: int) -> list[int]:
@@ -331,6 +332,7 @@ def main() -> None:
         f"torch={torch.__version__}  date={time.strftime('%Y-%m-%d %H:%M')}"
     )
     print(f"# command: {' '.join(sys.argv)}")
+    print(f"# CPU kernels: {cpu_capability()}")
     bw = memory_bandwidth_gbs()
     peaks = matmul_peak_gflops()
     print(f"# memory read bandwidth (fp32 sum of 512 MiB, best of 5): {bw:.1f} GB/s")

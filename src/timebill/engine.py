@@ -29,6 +29,7 @@ from timebill.kernels import (
     KernelChoice,
     choose_kv,
     choose_prefill,
+    cpu_capability,
     prefill_model,
 )
 from timebill.loading import ModelSource, load_model_and_tokenizer, resolve_model
@@ -335,7 +336,7 @@ class Engine:
         kv = str(self.fast.kv_dtype).removeprefix("torch.") if self.fast is not None else "HF cache"
         return (
             f"kernels: weights {self.weights} ({self.decode_path}), prefill {self.prefill_dtype} "
-            f"({how(self.kernel_choice)}), KV cache {kv} ({how(self.kv_choice)})"
+            f"({how(self.kernel_choice)}), KV cache {kv} ({how(self.kv_choice)}); CPU: {cpu_capability()}"
         )
 
     @property

@@ -89,6 +89,16 @@ def native_bf16() -> bool:
         return False
 
 
+def cpu_capability() -> str:
+    """What ATen's CPU kernels dispatch to here (``AVX512``, ``AVX2``, ``DEFAULT``) and whether oneDNN has native
+    bf16: the first thing to read when a host's quantised or bf16 kernels are unexpectedly slow."""
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        capability = "unknown"
+    return f"ATen {capability}, native bf16 {'yes' if native_bf16() else 'no'}"
+
+
 _BF16_COPIES: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
