@@ -322,8 +322,8 @@ def main() -> None:
     parser.add_argument(
         "--llama-cpp",
         action="store_true",
-        help="also run llama.cpp (make bench-install; a -march=native build with AMX kernels segfaulted here, "
-        "so bench-install builds with GGML_NATIVE=OFF and AVX512)",
+        help="also run llama.cpp (make bench-install: built -march=native for this CPU, minus AMX kernels, "
+        "which segfaulted on an AMX host)",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
