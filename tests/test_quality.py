@@ -16,9 +16,11 @@ from timebill.quality import (
     KindQuality,
     QualityError,
     QualityModel,
+    _ratio_of_means,
     fit_quality,
     load_quality,
     save_quality,
+    shrink_toward_pooled,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +107,7 @@ def test_save_load_round_trip_is_atomic(fitted: QualityModel, tmp_path: Path) ->
     again = load_quality(path, model_fingerprint="fp123")
     assert again.to_dict() == fitted.to_dict()
     data = json.loads(path.read_text())
-    assert data["format"] == "timebill-quality" and data["format_version"] == 1
+    assert data["format"] == "timebill-quality" and data["format_version"] == 2
     assert set(data["kinds"]) == {"retrieval", "chat", "all"}
 
 
@@ -224,3 +226,67 @@ def test_calibrate_refuses_the_evaluation_suite(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "evaluation suite" in result.output and "leak" in result.output
     assert not (tmp_path / "q").exists()
+
+
+def test_ratio_of_means_standard_error_is_the_delta_method_one() -> None:
+    pairs = [(1.0, 1.0), (0.0, 0.5)]  # r = 1 / 1.5; residuals ±1/3; se = sqrt((2/9) / 1 / 2) / 0.75
+    ratio, se = _ratio_of_means(pairs)
+    assert ratio == pytest.approx(2 / 3) and se == pytest.approx((1 / 3) / 0.75)
+    assert _ratio_of_means([(0.4, 0.8)]) == (pytest.approx(0.5), None)  # one pair: no standard error
+    assert _ratio_of_means([(0.4, 0.0), (0.1, 0.0)]) == (1.0, None)  # vanilla scored 0: no signal
+    identical = _ratio_of_means([(0.3, 0.3), (0.6, 0.6)])
+    assert identical == (pytest.approx(1.0), pytest.approx(0.0))
+
+
+def _kq(raw: dict[str, float], se: dict[str, float | None]) -> KindQuality:
+    return KindQuality(8, 0.3, dict(raw), [(1.0, 1.0)], [10], relative_raw=dict(raw), relative_se=dict(se))
+
+
+def test_shrinkage_pulls_noise_level_differences_to_the_pooled_factor() -> None:
+    # Kinds 0.8 / 1.2 apart with standard errors 0.3: their spread (var 0.04 of the means) is below
+    # what noise explains (mean se² 0.09), so tau² = 0 and every kind gets the pooled 1.0.
+    kinds = {"a": _kq({"rho:0.5": 0.8}, {"rho:0.5": 0.3}), "b": _kq({"rho:0.5": 1.2}, {"rho:0.5": 0.3})}
+    pooled = _kq({"rho:0.5": 1.0}, {"rho:0.5": 0.2})
+    out = shrink_toward_pooled(kinds, pooled)
+    assert out["a"].relative["rho:0.5"] == pytest.approx(1.0) and out["b"].relative["rho:0.5"] == pytest.approx(1.0)
+    assert out["a"].shrink_weight["rho:0.5"] == 0.0
+    assert out["a"].relative_raw["rho:0.5"] == 0.8  # the measurement itself is kept beside the shrunk factor
+
+
+def test_shrinkage_keeps_differences_far_larger_than_their_errors() -> None:
+    # 0.5 vs 1.5 with se 0.05: var of the means 0.5, mean se² 0.0025 → tau² ≈ 0.4975, w ≈ 0.995.
+    kinds = {"a": _kq({"alpha:0.95": 0.5}, {"alpha:0.95": 0.05}), "b": _kq({"alpha:0.95": 1.5}, {"alpha:0.95": 0.05})}
+    out = shrink_toward_pooled(kinds, _kq({"alpha:0.95": 1.0}, {"alpha:0.95": 0.03}))
+    tau2 = 0.5 - 0.0025
+    w = tau2 / (tau2 + 0.0025)
+    assert out["a"].shrink_weight["alpha:0.95"] == pytest.approx(w)
+    assert out["a"].relative["alpha:0.95"] == pytest.approx(1.0 + w * (0.5 - 1.0))
+    assert out["b"].relative["alpha:0.95"] == pytest.approx(1.0 + w * (1.5 - 1.0))
+
+
+def test_shrinkage_with_a_missing_standard_error_or_a_single_kind() -> None:
+    kinds = {
+        "a": _kq({"weights:int8": 0.5, "rho:0.9": 0.7}, {"weights:int8": 0.05, "rho:0.9": 0.1}),
+        "b": _kq({"weights:int8": 1.5}, {"weights:int8": 0.05}),
+        "c": _kq({"weights:int8": 2.0}, {"weights:int8": None}),  # one paired task: no error, no trust
+    }
+    pooled = _kq({"weights:int8": 1.0, "rho:0.9": 0.7}, {"weights:int8": 0.03, "rho:0.9": 0.1})
+    out = shrink_toward_pooled(kinds, pooled)
+    assert out["c"].relative["weights:int8"] == pytest.approx(1.0) and out["c"].shrink_weight["weights:int8"] == 0.0
+    assert out["b"].relative["weights:int8"] > 1.4  # tau² from a and b only
+    assert out["a"].relative["rho:0.9"] == 0.7  # only kind a measures rho 0.9: it is the pooled measurement
+
+
+def test_the_shipped_quality_file_is_shrunk() -> None:
+    """The shipped factors are the pooled ones wherever the kinds differ no more than noise explains."""
+    shipped = load_quality(DEFAULT_QUALITY_FILE)
+    pooled = shipped.kinds["all"]
+    for name, k in shipped.kinds.items():
+        if name == "all":
+            continue
+        for knob, r in k.relative.items():
+            w = k.shrink_weight[knob]
+            assert 0.0 <= w <= 1.0
+            assert r == pytest.approx(
+                pooled.relative[knob] + w * (k.relative_raw[knob] - pooled.relative[knob]), abs=1e-5
+            )

@@ -1086,7 +1086,15 @@ def calibrate(
         _fail(exc)
         return
     for name, k in quality.kinds.items():
-        factors = ", ".join(f"{knob} {r:.2f}" for knob, r in k.relative.items())
+        factors = ", ".join(
+            f"{knob} {r:.2f}"
+            + (
+                f" (raw {k.relative_raw[knob]:.2f}, w {k.shrink_weight.get(knob, 1.0):.2f})"
+                if knob in k.relative_raw and abs(k.relative_raw[knob] - r) > 5e-3
+                else ""
+            )
+            for knob, r in k.relative.items()
+        )
         typer.echo(f"{name}: n={k.n} base={k.base:.3f} {factors}")
     typer.echo(f"quality model: {path} (runs in {runs_dir})")
 

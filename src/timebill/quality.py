@@ -5,6 +5,12 @@ BM25 compression at fixed ρ) on the *calibration* suite (``benchmarks/suites/ca
 from the evaluation suite), and :func:`fit_quality` turns their run records into one JSON file per model:
 per task kind, vanilla's mean score, each knob's score relative to vanilla, the score of vanilla's answer
 cut short (for the guard policy's partial answers) and vanilla's answer lengths (a length prior).
+
+Per-kind factors are shrunk toward the pooled one (empirical Bayes, :func:`shrink_toward_pooled`): with 8
+calibration tasks per kind a kind's raw factor carries a standard error of 5-15 %, as large as the differences
+between configurations the planner must tell apart, and choosing the argmax of such noisy estimates pays the
+winner's curse (``docs/results/simulate-expected/FINDINGS.md``). A kind keeps its own factor only as far as
+the spread between kinds exceeds what their standard errors explain.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -21,7 +27,7 @@ from typing import Any
 from timebill.errors import InvalidInputError, TimeBillError
 
 QUALITY_FORMAT = "timebill-quality"
-QUALITY_FORMAT_VERSION = 1
+QUALITY_FORMAT_VERSION = 2  # v2: per-kind factors shrunk toward the pooled one; raw factors and SEs kept
 #: The shipped quality model of the default model (written by ``timebill calibrate``).
 DEFAULT_QUALITY_FILE = Path(__file__).parent / "data" / "quality-smollm2-135m.json"
 DEFAULT_CALIBRATION_SUITE = Path("benchmarks") / "suites" / "calibration-v1.jsonl"
@@ -82,15 +88,23 @@ class KindQuality:
 
     n: int  # tasks with a vanilla run
     base: float  # vanilla's mean full score, in [0, 1]
-    relative: dict[str, float]  # "weights:int8" / "rho:0.5" / "alpha:0.75" → mean(config) / mean(vanilla)
+    relative: dict[str, float]  # "weights:int8" / "rho:0.5" / "alpha:0.75" → the factor the planner reads
     partial: list[tuple[float, float]]  # (fraction f, score of vanilla cut to ceil(f·len) tokens / base)
     lengths: list[int]  # vanilla's answer lengths in tokens (an empirical length prior)
+    # What ``relative`` was shrunk from: mean(config) / mean(vanilla) over the kind's paired tasks, its
+    # standard error (None: fewer than two pairs), and the weight w the kind's own factor kept (1 = unshrunk).
+    relative_raw: dict[str, float] = field(default_factory=dict)
+    relative_se: dict[str, float | None] = field(default_factory=dict)
+    shrink_weight: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "n": self.n,
             "base": round(self.base, 6),
             "relative": {k: round(v, 6) for k, v in self.relative.items()},
+            "relative_raw": {k: round(v, 6) for k, v in self.relative_raw.items()},
+            "relative_se": {k: None if v is None else round(v, 6) for k, v in self.relative_se.items()},
+            "shrink_weight": {k: round(v, 6) for k, v in self.shrink_weight.items()},
             "partial": [[f, round(g, 6)] for f, g in self.partial],
             "lengths": list(self.lengths),
         }
@@ -102,12 +116,15 @@ class KindQuality:
             relative = {str(k): float(v) for k, v in data["relative"].items()}
             partial = [(float(f), float(g)) for f, g in data["partial"]]
             lengths = [int(x) for x in data["lengths"]]
+            raw = {str(k): float(v) for k, v in data.get("relative_raw", {}).items()}
+            se = {str(k): None if v is None else float(v) for k, v in data.get("relative_se", {}).items()}
+            weight = {str(k): float(v) for k, v in data.get("shrink_weight", {}).items()}
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise QualityError(f"{where} is malformed ({exc!r}); rebuild it with `timebill calibrate`") from exc
         bad = [k for k in relative if k.split(":", 1)[0] not in ("weights", "rho", "alpha")]
         if bad or not all(math.isfinite(v) and v >= 0 for v in [base, *relative.values()]):
             raise QualityError(f"{where} holds invalid values; rebuild it with `timebill calibrate`")
-        return cls(n, base, relative, sorted(partial), lengths)
+        return cls(n, base, relative, sorted(partial), lengths, raw, se, weight)
 
     def knob_points(self, knob: str) -> list[tuple[float, float]]:
         """Measured (value, factor) of ``rho`` or ``alpha``, sorted, without the implicit (0, 1)."""
@@ -280,6 +297,7 @@ def _fit_kind(tasks: Sequence[Any], runs: dict[str, dict[str, dict[str, Any]]], 
     full = {t.id: scorer.full(r["key"], t, r) for t, r in done}
     base = _mean(list(full.values()))
     relative: dict[str, float] = {}
+    standard_errors: dict[str, float | None] = {}
     for method, records in runs.items():
         knob = knob_of(method)
         if knob is None:
@@ -290,8 +308,7 @@ def _fit_kind(tasks: Sequence[Any], runs: dict[str, dict[str, dict[str, Any]]], 
             if (rec := records.get(run_key(method, t.id, None))) is not None
         ]
         if pairs:
-            mean_base = _mean([b for _, b in pairs])
-            relative[knob] = _mean([s for s, _ in pairs]) / mean_base if mean_base > 0 else 1.0
+            relative[knob], standard_errors[knob] = _ratio_of_means(pairs)
     partial = []
     for f in PARTIAL_FRACTIONS:
         if base > 0:
@@ -305,7 +322,64 @@ def _fit_kind(tasks: Sequence[Any], runs: dict[str, dict[str, dict[str, Any]]], 
         relative=relative,
         partial=partial,
         lengths=[len(r.get("token_ids", [])) for _, r in done],
+        relative_raw=dict(relative),
+        relative_se=standard_errors,
+        shrink_weight={k: 1.0 for k in relative},
     )
+
+
+def _ratio_of_means(pairs: Sequence[tuple[float, float]]) -> tuple[float, float | None]:
+    """(mean(config) / mean(vanilla), its standard error) over paired per-task scores.
+
+    The standard error is the delta method's for a ratio of paired means: the spread of the per-task residuals
+    ``s_i - r·b_i`` over ``sqrt(n)·mean(b)``. None with fewer than two pairs, or when vanilla scored 0 on all
+    (the ratio is then 1 by convention and says nothing).
+    """
+    mean_base = _mean([b for _, b in pairs])
+    if mean_base <= 0:
+        return 1.0, None
+    ratio = _mean([s for s, _ in pairs]) / mean_base
+    n = len(pairs)
+    if n < 2:
+        return ratio, None
+    residuals = [s - ratio * b for s, b in pairs]
+    return ratio, math.sqrt(sum(d * d for d in residuals) / (n - 1) / n) / mean_base
+
+
+def shrink_toward_pooled(kinds: dict[str, KindQuality], pooled: KindQuality) -> dict[str, KindQuality]:
+    """Each kind's factors pulled toward the pooled ones by how much of their spread is noise (empirical Bayes).
+
+    For each knob measured in two or more kinds: the between-kind variance of the true factors is estimated by
+    the method of moments, ``τ² = max(0, var(r_k) - mean(se_k²))``, and kind k keeps ``w_k = τ² / (τ² + se_k²)``
+    of its own deviation: ``r̃_k = r_pool + w_k (r_k - r_pool)``. Kinds that differ no more than their standard
+    errors explain all get the pooled factor (τ² = 0); a factor measured far more precisely than the spread
+    keeps its own. A kind without a standard error (one paired task) gets the pooled factor, and a knob only
+    one kind measures keeps that kind's (it *is* the pooled measurement). The pooled factors are not changed.
+    """
+    out = dict(kinds)
+    knobs = sorted({knob for k in kinds.values() for knob in k.relative_raw})
+    for knob in knobs:
+        pooled_r = pooled.relative_raw.get(knob)
+        members = [name for name, k in kinds.items() if knob in k.relative_raw]
+        if pooled_r is None or len(members) < 2:
+            continue
+        measured = [(kinds[m].relative_raw[knob], kinds[m].relative_se.get(knob)) for m in members]
+        with_se = [(r, se) for r, se in measured if se is not None]
+        tau2 = 0.0
+        if len(with_se) >= 2:
+            mean_r = _mean([r for r, _ in with_se])
+            spread = sum((r - mean_r) ** 2 for r, _ in with_se) / (len(with_se) - 1)
+            tau2 = max(0.0, spread - _mean([se * se for _, se in with_se]))
+        for name in members:
+            k = out[name]
+            raw, se = k.relative_raw[knob], k.relative_se.get(knob)
+            weight = 0.0 if se is None or tau2 == 0.0 else tau2 / (tau2 + se * se)
+            out[name] = replace(
+                k,
+                relative={**k.relative, knob: pooled_r + weight * (raw - pooled_r)},
+                shrink_weight={**k.shrink_weight, knob: weight},
+            )
+    return out
 
 
 def fit_quality(
@@ -355,6 +429,7 @@ def fit_quality(
     pooled = _fit_kind(list(suite.tasks), runs, scorer)
     if pooled is None:
         raise QualityError(f"no vanilla run in {out} is of a task of {suite.path}")
+    kinds = shrink_toward_pooled(kinds, pooled)
     kinds[ALL] = pooled
     return QualityModel(
         model_id=model_id,
