@@ -21,6 +21,7 @@ from timebill.serve.routing import (
     choose,
     coefficients_from,
     combine,
+    prefill_fits,
     published_work,
     quote,
     route,
@@ -99,6 +100,56 @@ def test_a_request_that_would_make_a_queued_one_late_is_not_sent_there() -> None
     q = quote(d, crowded)
     assert not q.feasible and "miss its deadline" in q.reason
     assert route(d, [crowded, idle("free")]).replica_id == "free"
+
+
+def test_the_prefill_check_refuses_only_what_no_length_prediction_could_fit() -> None:
+    """``prefill_fits`` runs before the length predictor: where it says no, ``quote`` must refuse whatever
+    the prediction turns out to be, and it must say no where only the queue's slack rules the request out."""
+    import random
+
+    rng = random.Random(7)
+    checked = refused_early = 0
+    for _ in range(400):
+        queued = tuple(
+            sorted(
+                (
+                    Work(
+                        deadline=rng.uniform(0.5, 20.0),
+                        expected_s=rng.uniform(0.2, 4.0),
+                        min_need_s=rng.uniform(0.3, 6.0),
+                    )
+                    for _ in range(rng.randrange(4))
+                ),
+                key=lambda w: w.deadline,
+            )
+        )
+        view = ReplicaView("r", COEF, running_left_s=rng.uniform(0.0, 3.0), queued=queued)
+        budget, n_x, extra = rng.uniform(0.1, 12.0), rng.randrange(1, 4000), rng.choice([0.0, 0.05])
+        if prefill_fits(view, budget, n_x, extra):
+            continue
+        refused_early += 1
+        for n_hat in (1, 5, 50, 250):
+            d = Demand(
+                budget_s=budget,
+                elapsed_s=0.0,
+                n_x=n_x,
+                n_hat=n_hat,
+                n_worst=min(256, 5 * n_hat),
+                n_max=256,
+                overhead_s=extra,
+            )
+            assert not quote(d, view).feasible
+            checked += 1
+    assert refused_early > 20 and checked == 4 * refused_early
+    # The slack alone rules it out: plenty of time left before the deadline, but a queued request due later
+    # has only 0.05 s to give; a 500-token prefill (~0.135 s) would take more.
+    tight = Work(deadline=8.0, expected_s=1.0, min_need_s=7.95)
+    view = ReplicaView("crowded", COEF, queued=(tight,))
+    assert not prefill_fits(view, 6.0, 500) and prefill_fits(view, 6.0, 50)
+    assert prefill_fits(idle("free"), 6.0, 500)
+    with pytest.raises(ValueError):
+        prefill_fits(ReplicaView("new", None), 6.0, 500)
+    assert prefill_fits(ReplicaView("new", None), 6.0, 500, fallback=COEF)
 
 
 def test_no_replicas_is_a_refusal_and_a_view_without_a_time_model_uses_the_fallback() -> None:

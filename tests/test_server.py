@@ -266,3 +266,45 @@ def test_serve_without_a_length_predictor_is_a_one_line_error(monkeypatch: pytes
     assert result.output.strip().splitlines() == [
         "error: Length-predictor file not found: predictor.pt. Train one with `timebill rlp train`."
     ]
+
+
+def test_a_prefill_that_would_make_a_queued_request_late_is_refused_without_predicting(engine, estimator) -> None:
+    """Under overload most refusals are of this kind, and a probe predictor costs a prefill: none is paid.
+
+    A queued (never started) request can give a newcomer only half the newcomer's predicted prefill; a
+    newcomer due before it goes ahead of it (EDF), so even its prefill would make the queued one late, though
+    its budget covers the prefill several times. The same request due after the queued one is predicted and
+    admitted. (Times scale with this session's profile: the test holds on a slow or a fast host.)
+    """
+    from timebill.serve.admission import Admission
+    from timebill.serve.protocol import ChatCompletionRequest, RejectedError
+
+    calls: list[str] = []
+
+    class Counting(type(ConstantPredictor(24))):  # type: ignore[misc]
+        def predict(self, text: str):  # noqa: ANN201 - the predictor's own return type
+            calls.append(text)
+            return super().predict(text)
+
+    estimator.reset_recalibration()
+    timebill = TimeBill(engine, estimator, Counting(24, spread=2.0, log_divisor=3.0), arrangement="sequential")
+    queue = EDFQueue(lambda job: None)  # not started: what is pushed stays queued
+    admission = Admission(timebill, queue, default_budget_s=10.0, max_budget_s=1e6)
+    prompt = [{"role": "user", "content": "Summarise this. " + "The river runs past the old mill. " * 20}]
+    need = timebill.prefill_need(prompt).seconds
+    budget = 4 * need + 1.0
+    now = time.perf_counter()
+    due = now + budget + 1.0
+    queue.push(Job(arrival=now, deadline=due, expected_s=0.1, min_need_s=due - now - need / 2, payload="queued"))
+
+    def spec(budget_s: float):
+        request = ChatCompletionRequest(messages=prompt, max_tokens=16, time_budget=budget_s)
+        return admission.spec(request, prompt, True)
+
+    with pytest.raises(RejectedError) as info:
+        admission.admit(spec(budget), time.perf_counter())
+    assert "miss its deadline" in str(info.value) and not calls
+    # the hint is honest: after everything queued, there is room for the longest answer
+    assert info.value.earliest_feasible_budget_s > 0.1 + need
+    job = admission.admit(spec(budget + 2.0 + 20 * need), time.perf_counter())  # due after the queued one
+    assert len(calls) == 1 and job.deadline > due

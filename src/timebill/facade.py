@@ -161,6 +161,22 @@ class LeastTime:
 
 
 @dataclass(frozen=True)
+class PrefillNeed:
+    """What a request needs before its first token, known without a length prediction: the tokens to
+    prefill (at the compressor's target), the compressor's predicted cost, and the predicted prefill here.
+    A lower bound on any plan's expected time, so a server can refuse a hopeless request without paying for
+    the predictor (which, for a probe predictor, is a prefill of its own)."""
+
+    n_x: int
+    compress_s: float
+    prefill_s: float
+
+    @property
+    def seconds(self) -> float:
+        return self.prefill_s + self.compress_s
+
+
+@dataclass(frozen=True)
 class PlanInputs:
     """A request in the planner's terms before any budget is known: what a router needs to plan it on
     several replicas (each with its own time model) without the model."""
@@ -495,6 +511,12 @@ class TimeBill:
         with self._estimator_lock:
             self._check_prefill_fits(prep.n_x, max(float(time_budget), 0.0), extra_s=prep.predicted_compress_s)
 
+    def prefill_need(self, prompt: Prompt, options: RequestOptions | None = None, *, chat: bool = True) -> PrefillNeed:
+        """The time this request needs before any decode (see :class:`PrefillNeed`); no model run."""
+        prep = self._prepare(prompt, self.request_options(options), chat, None, compress=False)
+        with self._estimator_lock:
+            return PrefillNeed(prep.n_x, prep.predicted_compress_s, self.estimator.prefill_s(prep.n_x))
+
     def plan_inputs(
         self,
         prompt: Prompt,
@@ -758,6 +780,7 @@ __all__ = [
     "BOUNDS",
     "STOP_DEADLINE",
     "LeastTime",
+    "PrefillNeed",
     "Prompt",
     "Replan",
     "RequestOptions",

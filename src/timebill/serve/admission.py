@@ -1,7 +1,8 @@
 """Admission control: turn a request into a :class:`RequestSpec`, and admit it to the queue or refuse it (429).
 
-On arrival the length predictor runs (not at all when the prefill alone cannot fit) and the request is planned
-against what will be left of its budget when its turn comes: ``budget - elapsed - backlog``. If even α_max
+On arrival the length predictor runs (not at all when the prefill alone cannot fit, or would already push an
+admitted request past its latest start) and the request is planned against what will be left of its budget
+when its turn comes: ``budget - elapsed - backlog``. If even α_max
 cannot fit, or it would push an already-admitted request past its latest start, the answer is 429 at once,
 with the earliest feasible budget: promises already made come first. (The worker's ``generate`` is in ``service``.)
 """
@@ -110,6 +111,18 @@ class Admission(RequestParser):
         deadline = arrival + spec.budget_s
         now = time.perf_counter()
         backlog = self.queue.backlog_s(deadline, now)
+        if prediction is None:  # nor may the prefill alone exceed the slack of the requests queued behind it
+            need = tb.prefill_need(spec.prompt, opts, chat=spec.chat)
+            if need.seconds <= deadline - now - backlog and need.seconds > self.queue.slack_after_s(deadline, now):
+                longest = ConstantPrediction(float(opts.max_new_tokens))
+                enough = tb.least_time(spec.prompt, opts, prediction=longest, chat=spec.chat)
+                raise RejectedError(
+                    f"Infeasible: fitting even the {need.n_x}-token prompt's prefill ({need.seconds:.3f} s) ahead "
+                    f"of the queue within this request's {spec.budget_s:.3f} s budget would make an already-admitted "
+                    "request miss its deadline. Give a larger time_budget.",
+                    earliest_feasible_budget_s=(now - arrival) + self.queue.total_backlog_s(now) + enough.seconds,
+                    stage="admission",
+                )
         try:  # the prefill alone must fit what the queue leaves: checked before paying for a prediction
             if prediction is None:
                 prediction = tb.predict_length(

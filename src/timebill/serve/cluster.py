@@ -434,34 +434,11 @@ class RoutedService:
         """Nothing to stop here: the replicas belong to Ray (``timebill serve`` shuts Serve down on exit)."""
 
     # ------------------------------------------------------------------ admission (a fresh thread)
-    def _decide(self, spec: RequestSpec, arrival: float) -> tuple[LengthPredictionLike, str | None, str, Job]:
-        """Predict, plan on every replica, reserve the chosen one in the ledger: (prediction, target, key, job)."""
-        tb = self.timebill
+    def _demand(self, spec: RequestSpec, arrival: float, prediction: LengthPredictionLike) -> Demand:
+        """The request in the planner's terms, the same on every replica, planned from ``arrival``."""
         opts = spec.options
-        router = self.router()
-        if self.router_kind == "deadline" and router is None:
-            raise TimeBillError("the deadline router is not running yet (no request reached the replicas)")
-        views = router.views() if router is not None else []
-        least_backlog = min((v.backlog_s(spec.budget_s) for v in views), default=0.0)
-        elapsed = time.perf_counter() - arrival
-        try:
-            prediction = tb.predict_length(
-                spec.prompt, chat=spec.chat, time_budget=spec.budget_s - elapsed - least_backlog, options=opts
-            )
-        except InfeasibleBudgetError as exc:
-            longest = ConstantPrediction(float(opts.max_new_tokens))
-            enough = tb.least_time(spec.prompt, opts, prediction=longest, chat=spec.chat)
-            earliest = elapsed + least_backlog + enough.seconds
-            raise RejectedError(
-                f"Infeasible: the budget {spec.budget_s:.3f} s cannot be met on any replica: what is left does "
-                f"not even cover the predicted prefill of the {enough.n_x}-token prompt "
-                f"({enough.predicted_prefill_s:.3f} s). A budget of {earliest:.3f} s fits even a "
-                f"{longest.point:.0f}-token answer at alpha_max; or shorten the prompt.",
-                earliest_feasible_budget_s=earliest,
-                stage="admission",
-            ) from exc
-        inputs = tb.plan_inputs(spec.prompt, opts, prediction=prediction, chat=spec.chat)
-        demand = Demand(
+        inputs = self.timebill.plan_inputs(spec.prompt, opts, prediction=prediction, chat=spec.chat)
+        return Demand(
             budget_s=spec.budget_s,
             elapsed_s=time.perf_counter() - arrival,
             n_x=inputs.n_x,
@@ -474,6 +451,50 @@ class RoutedService:
             overhead_s=inputs.overhead_s,
             infeasible_slack=opts.infeasible_slack,
         )
+
+    def _decide(self, spec: RequestSpec, arrival: float) -> tuple[LengthPredictionLike, str | None, str, Job]:
+        """Predict, plan on every replica, reserve the chosen one in the ledger: (prediction, target, key, job)."""
+        tb = self.timebill
+        opts = spec.options
+        router = self.router()
+        if self.router_kind == "deadline" and router is None:
+            raise TimeBillError("the deadline router is not running yet (no request reached the replicas)")
+        views = router.views() if router is not None else []
+        elapsed = time.perf_counter() - arrival
+        longest = ConstantPrediction(float(opts.max_new_tokens))  # upper(δ) = the point: "runs to max_tokens"
+        if router is not None and views:  # can the prefill alone be admitted anywhere? (no prediction yet)
+            fallback = tb.time_coefficients()
+            need = tb.prefill_need(spec.prompt, opts, chat=spec.chat)
+            deadline_in = spec.budget_s - elapsed
+            if not any(routing.prefill_fits(v, deadline_in, need.n_x, need.compress_s, fallback) for v in views):
+                # No prediction was made, so the hint plans for the longest answer: a budget that surely fits.
+                decision = router.decide(self._demand(spec, arrival, longest), fallback=fallback)
+                raise RejectedError(
+                    f"Infeasible: the budget {spec.budget_s:.3f} s cannot be met on any of the {len(views)} "
+                    f"replicas: on each, the {need.n_x}-token prompt's prefill ({need.seconds:.3f} s) either does "
+                    "not fit what the queued work leaves or would make an admitted request miss its deadline. "
+                    f"A budget of {decision.earliest_feasible_budget_s:.3f} s fits even a "
+                    f"{longest.point:.0f}-token answer at alpha_max.",
+                    earliest_feasible_budget_s=decision.earliest_feasible_budget_s,
+                    stage="admission",
+                )
+        least_backlog = min((v.backlog_s(spec.budget_s) for v in views), default=0.0)
+        try:
+            prediction = tb.predict_length(
+                spec.prompt, chat=spec.chat, time_budget=spec.budget_s - elapsed - least_backlog, options=opts
+            )
+        except InfeasibleBudgetError as exc:
+            enough = tb.least_time(spec.prompt, opts, prediction=longest, chat=spec.chat)
+            earliest = elapsed + least_backlog + enough.seconds
+            raise RejectedError(
+                f"Infeasible: the budget {spec.budget_s:.3f} s cannot be met on any replica: what is left does "
+                f"not even cover the predicted prefill of the {enough.n_x}-token prompt "
+                f"({enough.predicted_prefill_s:.3f} s). A budget of {earliest:.3f} s fits even a "
+                f"{longest.point:.0f}-token answer at alpha_max; or shorten the prompt.",
+                earliest_feasible_budget_s=earliest,
+                stage="admission",
+            ) from exc
+        demand = self._demand(spec, arrival, prediction)
         key = uuid.uuid4().hex
         deadline = arrival + spec.budget_s
         if router is None:  # Ray's router picks; the replica's admission decides

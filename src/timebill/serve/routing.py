@@ -172,6 +172,28 @@ def quote(demand: Demand, view: ReplicaView, fallback: TimeCoefficients | None =
     return Quote(view.replica_id, True, p.alpha, expected, min_need, backlog, left, earliest)
 
 
+def prefill_fits(
+    view: ReplicaView,
+    deadline: float,
+    n_x: int,
+    extra_s: float = 0.0,
+    fallback: TimeCoefficients | None = None,
+) -> bool:
+    """Whether a request due in ``deadline`` seconds could still be admitted on ``view`` with its prefill (and
+    ``extra_s``, a compressor's cost) alone — the least any plan's expected time can be.
+
+    A necessary condition for :func:`quote` to accept, for any length prediction: its worst case needs at
+    least this (``left`` must cover it) and its expected time is at least this (it must not exceed the slack
+    of the requests queued behind it). So a request that fails here everywhere is refused before the length
+    predictor runs: under overload most refusals are of this kind, and a probe predictor costs a prefill.
+    """
+    coef = view.coefficients or fallback
+    if coef is None:
+        raise ValueError(f"replica {view.replica_id} has no time model and no fallback was given")
+    need = coef.prefill_s(n_x) + max(extra_s, 0.0)
+    return need <= deadline - view.backlog_s(deadline) and need <= view.slack_after_s(deadline)
+
+
 def choose(quotes: Sequence[Quote]) -> Decision:
     """Best expected quality among the replicas where the request fits, ties to the most slack; else refuse."""
     quotes = tuple(quotes)
