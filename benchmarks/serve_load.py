@@ -44,7 +44,7 @@ from pathlib import Path
 import httpx
 import uvicorn
 
-from timebill.estimator.store import cpu_model_name
+from timebill.estimator.store import cpu_signature
 from timebill.serve import create_app, load_timebill
 from timebill.serve.cluster import ReplicaConfig
 
@@ -365,7 +365,7 @@ def main() -> None:
     if not targets or any(t not in TARGETS for t in targets):
         sys.exit(f"--targets: comma-separated names of {', '.join(TARGETS)}, got {args.targets!r}")
 
-    host = f"{cpu_model_name()}, {os.cpu_count()} logical CPUs"
+    host = f"{cpu_signature()}, {os.cpu_count()} logical CPUs"  # family/model: hosts differ between sessions
     sections, results = [], {}
     raw: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "host": host, "targets": {}}
     failed = False
