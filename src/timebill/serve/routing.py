@@ -132,11 +132,17 @@ class Decision:
         return next((q for q in self.quotes if q.replica_id == self.replica_id), None)
 
 
-def quote(demand: Demand, view: ReplicaView, fallback: TimeCoefficients | None = None) -> Quote:
-    """Plan ``demand`` against one replica's queue and time model, as the single-node admission does."""
+def _coefficients(view: ReplicaView, fallback: TimeCoefficients | None) -> TimeCoefficients:
+    """The replica's published time model, else the router's own (same profile)."""
     coef = view.coefficients or fallback
     if coef is None:
         raise ValueError(f"replica {view.replica_id} has no time model and no fallback was given")
+    return coef
+
+
+def quote(demand: Demand, view: ReplicaView, fallback: TimeCoefficients | None = None) -> Quote:
+    """Plan ``demand`` against one replica's queue and time model, as the single-node admission does."""
+    coef = _coefficients(view, fallback)
     deadline = demand.deadline
     backlog = view.backlog_s(deadline)
     left = deadline - backlog
@@ -187,9 +193,7 @@ def prefill_fits(
     of the requests queued behind it). So a request that fails here everywhere is refused before the length
     predictor runs: under overload most refusals are of this kind, and a probe predictor costs a prefill.
     """
-    coef = view.coefficients or fallback
-    if coef is None:
-        raise ValueError(f"replica {view.replica_id} has no time model and no fallback was given")
+    coef = _coefficients(view, fallback)
     need = coef.prefill_s(n_x) + max(extra_s, 0.0)
     return need <= deadline - view.backlog_s(deadline) and need <= view.slack_after_s(deadline)
 
