@@ -337,12 +337,35 @@ def test_corrupt_profile_is_a_clear_error(fitted, tmp_path: Path) -> None:
         ExecutionTimeEstimator.for_engine(_fake_engine(), path=other)  # type: ignore[arg-type]
 
 
+def test_a_prediction_past_the_profiled_range_warns_once(caplog) -> None:
+    est = ExecutionTimeEstimator(
+        QuadFit(A, B, C), LinFit(4e-6, 0.03), prefill_range=(16.0, 2048.0), decode_range=(16.0, 4096.0)
+    )
+    with caplog.at_level("WARNING", logger="timebill.estimator.estimator"):
+        est.prefill_s(2200)  # within 10 % of the grid: no warning
+        est.step_s(4400.0)
+        assert not caplog.records
+        est.prefill_s(5000)
+        est.prefill_s(7000)
+        est.step_s(8000.0)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2, messages
+    assert "prefill time for 5000 tokens is extrapolated" in messages[0] and "2048" in messages[0]
+    assert "decode time for 8000 tokens" in messages[1]
+
+
 def test_grids_fit_the_context_and_refuse_bad_values() -> None:
     full, quick = ProfileGrid.full(8192), ProfileGrid.quick(8192)
     full.check_fits(8192)
     quick.check_fits(8192)
     assert max(full.prefill_n) == 8192 - 256 and len(full.prefill_n) >= 20 and len(full.decode_n_kv) >= 20
-    assert max(quick.prefill_n) == 2048 and quick.repeats == 3
+    # quick is sparse, not short: it reaches the longest prompt the engine accepts, so no plan extrapolates
+    assert max(quick.prefill_n) == 8192 - 256 and max(quick.decode_n_kv) + quick.steps_consumed < 8192
+    assert max(quick.decode_n_kv) > 8000 and len(quick.prefill_n) < len(full.prefill_n)
+    assert quick.prefill_repeats(7936) == 2 and quick.prefill_repeats(2048) == 3 and quick.prefill_repeats(64) == 5
+    small = ProfileGrid.quick(1024)  # a short-context model: no tail beyond the dense part, still fits
+    small.check_fits(1024)
+    assert max(small.prefill_n) == 1024 - 256
     with pytest.raises(InvalidInputError):
         full.check_fits(4096)
     with pytest.raises(InvalidInputError):

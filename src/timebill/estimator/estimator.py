@@ -7,6 +7,7 @@ Nothing here imports torch: the estimator runs next to the planner, off the mode
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,11 @@ from timebill.planner import TimeCoefficients, worst_case_length
 
 if TYPE_CHECKING:
     from timebill.engine import Engine, GenerationResult
+
+log = logging.getLogger(__name__)
+
+#: How far past the longest profiled length a prediction may reach before it is called an extrapolation.
+EXTRAPOLATION_SLACK = 1.1
 
 
 def _chord(fit: Fit, lo: float, hi: float) -> tuple[float, float]:
@@ -82,6 +88,7 @@ class ExecutionTimeEstimator:
         self.decode_range = decode_range or (0.0, 8192.0)
         self._prefill_rec = DriftTracker("prefill", *prefill_windows, switch=drift_switch, clip=recalibration_clip)
         self._step_rec = DriftTracker("step", *step_windows, switch=drift_switch, clip=recalibration_clip)
+        self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -123,16 +130,38 @@ class ExecutionTimeEstimator:
     def _step_scale(self, recalibrated: bool) -> float:
         return self._step_rec.scale() if recalibrated else 1.0
 
+    def _note_extrapolation(self, what: str, n: float, profiled_max: float) -> None:
+        """Warn once per estimator when a prediction reaches well past the profiled lengths.
+
+        A fit is only measured inside its grid; quick profiles made before the grid covered the whole
+        context under-predicted 4-8k-token prefills by up to 1.9x. The number is still returned (a plan
+        must be made), but the user is told which profile to re-measure.
+        """
+        if n <= profiled_max * EXTRAPOLATION_SLACK or what in self._warned:
+            return
+        self._warned.add(what)
+        setup = self.profile.key.describe() if self.profile is not None else ""
+        log.warning(
+            "%s time for %d tokens is extrapolated beyond the profiled range (up to %d tokens)%s; "
+            "re-run `timebill profile` so the grid covers it",
+            what,
+            int(n),
+            int(profiled_max),
+            f" of {setup}" if setup else "",
+        )
+
     # ------------------------------------------------------------------ predictions
     def prefill_s(self, n_x: int, recalibrated: bool = True) -> float:
         """Prefill time of an ``n_x``-token prompt (first token included, SnapKV scores captured)."""
         _check_tokens("n_x", n_x, 1)
+        self._note_extrapolation("prefill", n_x, self.prefill_range[1])
         return float(self.prefill_fit.predict(n_x)) * self._prefill_scale(recalibrated)
 
     def step_s(self, n_kv: float, recalibrated: bool = True) -> float:
         """One decode step with ``n_kv`` tokens already cached."""
         if not (math.isfinite(n_kv) and n_kv >= 0):
             raise InvalidInputError(f"n_kv must be a finite number >= 0, got {n_kv!r}")
+        self._note_extrapolation("decode", n_kv, self.decode_range[1])
         return float(self.decode_fit.predict(n_kv)) * self._step_scale(recalibrated)
 
     def decode_phase_s(self, n_kv0: float, n_tokens: int, recalibrated: bool = True) -> float:

@@ -333,5 +333,5 @@ def _missing_profile_message(key: ProfileKey, path: Path) -> str:
         flags += f" --weights {weights}"
     return (
         f"no estimator profile for {key.describe()} (looked for {path}).{hint} To create it, "
-        f"run `timebill profile {flags}` (add --quick for a rougher one in about a minute)."
+        f"run `timebill profile {flags}` (add --quick for a rougher one in a few minutes)."
     )

@@ -106,6 +106,11 @@ def _dedupe_sorted(values: Sequence[float]) -> tuple[int, ...]:
     return tuple(sorted({int(round(v)) for v in values}))
 
 
+def _tail(start: int, high: int, n: int) -> list[float]:
+    """``n`` evenly spaced points after ``start`` up to ``high`` (none when ``high`` is not beyond it)."""
+    return np.linspace(start, high, n + 1)[1:].tolist() if high > start else []
+
+
 def _spread(low: int, knee: int, high: int, n_linear: int) -> tuple[int, ...]:
     """Doublings from ``low`` to ``knee``, then ``n_linear`` evenly spaced points up to ``high``.
 
@@ -202,17 +207,28 @@ class ProfileGrid:
 
     @classmethod
     def quick(cls, context_length: int, n_max: int = DEFAULT_N_MAX) -> ProfileGrid:
-        """~1 minute on SmolLM2-135M / 2 CPU cores: prompts up to 2048, caches up to 4096, 3-5 repeats."""
-        top_prefill = max(64, min(2048, context_length - n_max))
-        top_decode = max(64, min(4096, context_length - 16))
+        """A few minutes on SmolLM2-135M / 2 CPU cores: the whole usable range, sparsely beyond 2048 tokens.
+
+        Dense (3-5 repeats) up to 2048 prompt / 4096 cached tokens, then three evenly spaced prompt
+        lengths up to ``context - n_max`` and two cache lengths up to the context, 2 repeats each. The
+        tail is not optional: a fit that stops at 2048 extrapolates its quadratic to the 4-8k-token
+        prompts a long-context suite sends, and on AMD EPYC family 25 it under-predicted their prefill
+        by up to 1.9x (measured on bench-v2 part 1/2, 2026-12-04) — a plan built on that is late.
+        """
+        top_prefill = max(64, context_length - n_max)
+        dense_prefill = min(2048, top_prefill)
+        warmup_steps, steps_per_sample = 1, 6
+        top_decode = max(64, context_length - warmup_steps - steps_per_sample - 1)
+        dense_decode = min(4096, top_decode)
         return cls(
             name="quick",
-            prefill_n=_spread(16, 256, top_prefill, 5),
-            decode_n_kv=_spread(16, 256, top_decode, 5),
-            repeats=3,
-            repeat_tiers=((256, 5),),
+            prefill_n=_dedupe_sorted([*_spread(16, 256, dense_prefill, 5), *_tail(dense_prefill, top_prefill, 3)]),
+            decode_n_kv=_dedupe_sorted([*_spread(16, 256, dense_decode, 5), *_tail(dense_decode, top_decode, 2)]),
+            repeats=2,
+            repeat_tiers=((256, 5), (2048, 3)),
             decode_repeats=5,
-            steps_per_sample=6,
+            steps_per_sample=steps_per_sample,
+            warmup_steps=warmup_steps,
             max_wait_s=15.0,
         )
 
