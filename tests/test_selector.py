@@ -99,3 +99,18 @@ def test_the_bench_method_records_the_choice_and_reads_like_any_run(engine, esti
     assert job.answered and job.finished == (record["stop_reason"] in ("eos", "max_tokens"))
     refused = ExpectedScoreMethod("timebill-kill").run(resources, task, 0.001)
     assert refused["stop_reason"] == "refused" and refused["token_ids"] == []
+
+
+def test_a_run_recalibrates_the_chosen_modes_time_model(engine, estimator) -> None:
+    # a profile that thinks decode steps take a quarter of their real time: the runs this host makes must
+    # correct it (online recalibration, as the facade does), or every later plan keeps trusting it
+    from timebill.estimator import LinFit
+
+    fast = copy.deepcopy(estimator)
+    fast.reset_recalibration()
+    fast.decode_fit = LinFit(0.0, estimator.step_s(256.0, recalibrated=False) / 4)
+    selector = Selector({"fp32": engine}, {"fp32": fast}, _quality(1.0), rhos=(0.0,), alphas=(0.0,))
+    assert fast.scales()["step"] == 1.0
+    out = selector.generate("Count from 1 to 200, separated by commas.", 120.0, policy="guard", max_new_tokens=40)
+    assert len(out.generation.token_ids) >= 30  # enough steps for the recalibrator's chunks
+    assert fast.scales()["step"] > 2.0  # measured ≈ 4x the profile's step (a busy CI host only raises it)

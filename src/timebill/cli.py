@@ -641,7 +641,7 @@ def rlp_eval(
 
 @app.command()
 def profile(
-    quick: Annotated[bool, typer.Option("--quick", help="Sparse grid over the whole context (a few minutes), rougher fit.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Sparse grid, whole context (minutes).")] = False,
     show: Annotated[bool, typer.Option("--show", help="Print this setup's saved profile; no measuring.")] = False,
     if_missing: Annotated[
         bool, typer.Option("--if-missing", help="Measure only when this setup has no valid profile yet.")

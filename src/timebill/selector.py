@@ -16,6 +16,7 @@ and a :class:`~timebill.quality.QualityModel` measured on the calibration suite.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -180,6 +181,9 @@ class Selector:
         self.press = press
         self.combine_knobs = combine_knobs
         self.tokenizer_engine = self.engines.get("fp32") or next(iter(self.engines.values()))
+        # generate() feeds each finished run to its weights mode's estimator (online recalibration, as the
+        # facade does); a concurrent plan() must not read the recalibration windows mid-update
+        self._estimator_lock = threading.Lock()
 
     @classmethod
     def load(
@@ -245,16 +249,17 @@ class Selector:
     ) -> Choice:
         """The ranked candidates for a prompt of ``n_prompt`` tokens (no model work: pure planning)."""
         length = length or self.length_distribution(kind, max_new_tokens)
-        return choose(
-            self.candidates(kind),
-            n_prompt=n_prompt,
-            budget_s=budget_s,
-            length=length,
-            policy=policy,
-            time_error=self.time_error,
-            partial=lambda f: self.quality.partial(kind, f),
-            spent_s=spent_s,
-        )
+        with self._estimator_lock:
+            return choose(
+                self.candidates(kind),
+                n_prompt=n_prompt,
+                budget_s=budget_s,
+                length=length,
+                policy=policy,
+                time_error=self.time_error,
+                partial=lambda f: self.quality.partial(kind, f),
+                spent_s=spent_s,
+            )
 
     # ------------------------------------------------------------------ running
     def plan(
@@ -322,4 +327,8 @@ class Selector:
             compressor=k.compressor,
             t_start=t_start,
         )
+        # The profile is one quiet-machine measurement; the runs this host really makes correct it (a
+        # weights mode whose real steps run 1.2x its profile on a busy host is planned with that next time).
+        with self._estimator_lock:
+            self.estimators[k.weights].observe(gen)
         return SelectedResult(gen.text, selection, gen, t_start)
