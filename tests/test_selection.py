@@ -13,9 +13,11 @@ from timebill.selection import (
     Knobs,
     LengthDistribution,
     TimeError,
+    TimeErrorWindow,
     choose,
     evaluate,
     knob_grid,
+    predicted_token_s,
     tokens_by,
 )
 
@@ -165,6 +167,52 @@ def test_time_error_quantiles() -> None:
     error = TimeError.from_samples([1.0 + 0.01 * i for i in range(101)], points=5)
     assert error.ratios == pytest.approx((1.1, 1.3, 1.5, 1.7, 1.9))
     assert TimeError.from_samples([]).ratios == (1.0,)
+
+
+def test_predicted_token_time_is_the_clock_tokens_by_counts_against() -> None:
+    time = LinearTime(per_token=0.001, c=0.05, q=0.02, p=1e-5)
+    for n in (1, 2, 17, 300):
+        t = predicted_token_s(time, 500, n)
+        assert tokens_by(time, 500, 1000, t + 1e-9) == n  # exactly n tokens fit in their own predicted time
+        assert tokens_by(time, 500, 1000, t - 1e-6) == n - 1
+    with pytest.raises(InvalidInputError):
+        predicted_token_s(time, 500, 0)
+
+
+def test_a_hosts_measured_spread_replaces_the_prior_and_follows_the_host() -> None:
+    prior = TimeError((0.97, 1.0, 1.03))
+    window = TimeErrorWindow(prior, window=8, min_samples=4)
+    for _ in range(3):
+        window.observe(1.5, 1.0)
+    window.observe(float("nan"), 1.0)  # a glitch carries no information
+    window.observe(1.0, 0.0)
+    assert window.current() is prior and len(window) == 3  # too few runs: the prior
+    window.observe(1.5, 1.0)
+    assert window.current().ratios == pytest.approx((1.5,) * 4)
+    for _ in range(8):  # the host gets quiet again: the window forgets the slow runs
+        window.observe(1.0, 1.0)
+    assert window.current().ratios == pytest.approx((1.0,) * 8)
+    with pytest.raises(InvalidInputError):
+        TimeErrorWindow(prior, window=4, min_samples=5)
+
+
+def test_a_measured_slow_host_makes_kill_choose_the_configuration_that_still_finishes() -> None:
+    # the fast configuration's median plan lands at 0.86 T; on a host whose runs take 1.3x their prediction
+    # it no longer finishes, and Kill must take the cheaper one that does
+    length = LengthDistribution.point(64)
+    good = Candidate(Knobs("fp32"), LinearTime(per_token=0.0, c=0.1, q=0.02), quality=1.0)
+    cheap = Candidate(Knobs("int4"), LinearTime(per_token=0.0, c=0.05, q=0.01), quality=0.8)
+    budget = (0.1 + 63 * 0.02) / 0.86
+    prior = TimeError((0.97, 1.0, 1.03))
+    quiet = choose([good, cheap], n_prompt=1, budget_s=budget, length=length, policy="kill", time_error=prior)
+    assert quiet.best is not None and quiet.best.knobs.weights == "fp32"
+    window = TimeErrorWindow(prior, min_samples=4)
+    for r in (1.25, 1.3, 1.3, 1.35):
+        window.observe(r, 1.0)
+    slow = [Candidate(c.knobs, c.time, c.quality, time_error=window.current()) for c in (good, cheap)]
+    busy = choose(slow, n_prompt=1, budget_s=budget, length=length, policy="kill", time_error=prior)
+    assert busy.best is not None and busy.best.knobs.weights == "int4" and busy.best.p_finish == 1.0
+    assert busy.ranked[1].p_finish == 0.0
 
 
 def test_bad_inputs_are_clear_errors() -> None:

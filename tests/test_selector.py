@@ -114,3 +114,8 @@ def test_a_run_recalibrates_the_chosen_modes_time_model(engine, estimator) -> No
     out = selector.generate("Count from 1 to 200, separated by commas.", 120.0, policy="guard", max_new_tokens=40)
     assert len(out.generation.token_ids) >= 30  # enough steps for the recalibrator's chunks
     assert fast.scales()["step"] > 2.0  # measured ≈ 4x the profile's step (a busy CI host only raises it)
+    # and the run's time against what its plan predicted is the first sample of the host's spread
+    assert len(selector.time_errors["fp32"]) == 1
+    window = selector.time_errors["fp32"]
+    assert window.current() is window.prior  # one run is not a distribution yet
+    assert min(window.samples) > 1.5  # steps 4x slower than planned: the whole run clearly slower

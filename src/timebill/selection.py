@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -225,26 +226,42 @@ class TimeError:
         return cls(tuple(picks))
 
 
+def _token_clock(time: CandidateTime, n_prompt: int, ratio: float) -> Callable[[int], float]:
+    """Token n's predicted time after the request's start (n >= 1) when the run takes ``ratio`` × the model.
+
+    Token 1 arrives at the end of prefill; token i + 1 after i decode steps over the kept KV plus i - 1
+    generated tokens. The step cost is linear in the cache, so the sum of steps is quadratic in n.
+    """
+    first = ratio * time.first_token_s(n_prompt)
+    kept = time.kept_kv_tokens(n_prompt)
+    step0, slope = time.step_s(kept), time.step_s(kept + 1) - time.step_s(kept)
+
+    def end_s(n: int) -> float:
+        steps = n - 1
+        return first + ratio * (steps * step0 + slope * steps * (steps - 1) / 2.0)
+
+    return end_s
+
+
+def predicted_token_s(time: CandidateTime, n_prompt: int, n_tokens: int) -> float:
+    """The median model's time from the end of planning to token ``n_tokens`` (what a run is compared to)."""
+    if n_tokens < 1:
+        raise InvalidInputError(f"n_tokens must be >= 1, got {n_tokens!r}")
+    return _token_clock(time, n_prompt, 1.0)(n_tokens)
+
+
 def tokens_by(
     time: CandidateTime, n_prompt: int, n_max: int, budget_s: float, *, ratio: float = 1.0, spent_s: float = 0.0
 ) -> int:
     """How many tokens ``time``'s configuration emits by ``budget_s`` when it runs ``ratio`` × its prediction.
 
-    ``spent_s`` (already elapsed: predictor, planning) is measured, so it is not scaled. Token 1 arrives at
-    the end of prefill; token i + 1 after i decode steps over the kept KV plus i - 1 generated tokens. The
-    decode time of n tokens is quadratic in n (linear step cost), so the count is found by bisection.
+    ``spent_s`` (already elapsed: predictor, planning) is measured, so it is not scaled. The decode time of
+    n tokens is quadratic in n (linear step cost), so the count is found by bisection.
     """
     room = budget_s - spent_s
-    first = ratio * time.first_token_s(n_prompt)
-    if first > room:
+    end_s = _token_clock(time, n_prompt, ratio)
+    if end_s(1) > room:
         return 0
-    kept = time.kept_kv_tokens(n_prompt)
-    step0, slope = time.step_s(kept), time.step_s(kept + 1) - time.step_s(kept)
-
-    def end_s(n: int) -> float:  # time of token n (n >= 1)
-        steps = n - 1
-        return first + ratio * (steps * step0 + slope * steps * (steps - 1) / 2.0)
-
     lo, hi = 1, n_max
     if end_s(hi) <= room:
         return hi
@@ -255,6 +272,44 @@ def tokens_by(
         else:
             hi = mid
     return lo
+
+
+class TimeErrorWindow:
+    """The measured/predicted ratios of a host's recent runs of one configuration family, as a :class:`TimeError`.
+
+    A profile is one quiet-machine measurement and the shipped default spread came from another host; the
+    runs this host really makes say how far its plans land from their predictions. Until ``min_samples``
+    runs are in, ``current`` is the prior; after, the window's own quantiles (the last ``window`` runs, so
+    a host that changes speed or noise is followed). Ratios are taken against the prediction the plan
+    used (already recalibrated), so this is the residual spread recalibration leaves, not its median shift.
+    """
+
+    def __init__(self, prior: TimeError, *, window: int = 64, min_samples: int = 16) -> None:
+        """``min_samples`` ≤ ``window``; both ≥ 1."""
+        if not 1 <= min_samples <= window:
+            raise InvalidInputError(f"need 1 <= min_samples <= window, got {min_samples}, {window}")
+        self.prior = prior
+        self.min_samples = min_samples
+        self._ratios: deque[float] = deque(maxlen=window)
+
+    def observe(self, measured_s: float, predicted_s: float) -> None:
+        """One run: its measured time to its last token against the prediction for that many tokens."""
+        if math.isfinite(measured_s) and math.isfinite(predicted_s) and measured_s > 0 and predicted_s > 0:
+            self._ratios.append(measured_s / predicted_s)
+
+    def __len__(self) -> int:
+        return len(self._ratios)
+
+    @property
+    def samples(self) -> tuple[float, ...]:
+        """The measured/predicted ratios in the window, oldest first (for reports and tests)."""
+        return tuple(self._ratios)
+
+    def current(self) -> TimeError:
+        """The prior until enough runs are measured, then their quantiles."""
+        if len(self._ratios) < self.min_samples:
+            return self.prior
+        return TimeError.from_samples(self._ratios)
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,9 @@ from timebill.selection import (
     Knobs,
     LengthDistribution,
     TimeError,
+    TimeErrorWindow,
     choose,
+    predicted_token_s,
 )
 
 log = logging.getLogger(__name__)
@@ -178,6 +180,9 @@ class Selector:
         self.alphas = tuple(alphas)
         self.compressor = compressor
         self.time_error = time_error
+        # per weights mode: the spread of this host's real runs around their (recalibrated) predictions,
+        # the prior ``time_error`` until 16 runs of that mode are measured
+        self.time_errors = {w: TimeErrorWindow(time_error) for w in modes}
         self.press = press
         self.combine_knobs = combine_knobs
         self.tokenizer_engine = self.engines.get("fp32") or next(iter(self.engines.values()))
@@ -218,6 +223,7 @@ class Selector:
     # ------------------------------------------------------------------ planning
     def candidates(self, kind: str | None) -> list[Candidate]:
         out = []
+        errors = {w: window.current() for w, window in self.time_errors.items()}
         for w, est in self.estimators.items():
             # a profile without this compressor's timing cannot price ρ > 0: those candidates are left out
             timed = self.compressor in getattr(est, "compressor_fits", {})
@@ -227,7 +233,8 @@ class Selector:
                         continue
                     knobs = Knobs(w, rho, alpha, self.compressor)
                     q = self.quality.score(kind, w, rho, alpha)
-                    out.append(Candidate(knobs, EstimatorTime(est, rho, alpha, self.compressor), q))
+                    model = EstimatorTime(est, rho, alpha, self.compressor)
+                    out.append(Candidate(knobs, model, q, time_error=errors[w]))
         return out
 
     def length_distribution(self, kind: str | None, max_new_tokens: int) -> LengthDistribution:
@@ -329,6 +336,11 @@ class Selector:
         )
         # The profile is one quiet-machine measurement; the runs this host really makes correct it (a
         # weights mode whose real steps run 1.2x its profile on a busy host is planned with that next time).
+        times = gen.token_times_s
         with self._estimator_lock:
+            if times:  # against what the plan assumed: this estimator before this run's observation
+                model = EstimatorTime(self.estimators[k.weights], k.rho, k.alpha, k.compressor)
+                predicted = predicted_token_s(model, selection.n_prompt, len(times))
+                self.time_errors[k.weights].observe(times[-1] - selection.plan_s, predicted)
             self.estimators[k.weights].observe(gen)
         return SelectedResult(gen.text, selection, gen, t_start)
