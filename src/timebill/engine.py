@@ -22,6 +22,7 @@ from transformers import DynamicCache
 
 from timebill.errors import InvalidInputError, PromptTooLongError
 from timebill.fastpath import WEIGHT_MODES, FastDecoder, FastPathUnsupported, StaticKVCache
+from timebill.guard import GUARD_FLOOR, GuardMargin
 from timebill.kernels import (
     KV_CHOICES,
     PREFILL_CHOICES,
@@ -55,10 +56,11 @@ logger = logging.getLogger(__name__)
 STOP_EOS = "eos"
 STOP_MAX_TOKENS = "max_tokens"
 STOP_DEADLINE = "deadline"
-# The deadline guard expects the next decode step to take up to this many times the longest of the last
-# GUARD_WINDOW steps: step times jitter by a few percent here, and "the last step's duration" alone let 1
-# of 100 tight requests end 0.2 ms late (benchmarks/planner_overhead.py).
-GUARD_STEP_MARGIN = 1.1
+# The deadline guard expects the next decode step to take up to a factor times the longest of the last
+# GUARD_WINDOW steps: "the last step's duration" alone let 1 of 100 tight requests end 0.2 ms late
+# (benchmarks/planner_overhead.py). The factor is GUARD_STEP_MARGIN on a fresh engine and then learned
+# from the engine's own steps (timebill.guard.GuardMargin): a contended host's jumpier steps raise it.
+GUARD_STEP_MARGIN = GUARD_FLOOR
 GUARD_WINDOW = 4
 STOP_CANCELLED = "cancelled"  # the caller's should_stop() said so (e.g. a server client disconnected)
 
@@ -251,6 +253,7 @@ class Engine:
         self.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         # Last measured decode-step time; the deadline guard's estimate for a request's first step.
         self.last_step_s = 0.0
+        self.guard = GuardMargin()  # the deadline guard's factor, learned from this engine's steps
         if weights not in WEIGHT_MODES:
             raise InvalidInputError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {weights!r}")
         if weights != "fp32" and not fast:
@@ -557,7 +560,7 @@ class Engine:
     ) -> DecodeOutcome:
         """Decode after prefill (and any eviction) until EOS, ``max_new_tokens``, the deadline or a stop.
 
-        The deadline guard stops *before* a step whose expected end (now + 1.1 × the longest of the
+        The deadline guard stops *before* a step whose expected end (now + :attr:`guard` factor × the longest of the
         last 4 steps) would pass ``t_start + deadline_s``. ``on_step(i, now, state)`` runs between tokens (the
         re-planning hook); it may call :meth:`evict`. ``on_token(token_id)`` runs as each token is
         produced (streaming; the end-of-turn token included). ``should_stop()`` is asked between tokens;
@@ -603,6 +606,7 @@ class Engine:
         self.begin_decode(state, max_new_tokens)
         position = state.prompt_tokens  # RoPE position of the next input token (original numbering)
         recent = deque([self.last_step_s], maxlen=GUARD_WINDOW)  # step durations the guard expects from
+        margin = self.guard.factor()  # fixed for the request
         token = first
         stop = STOP_MAX_TOKENS
         for i in range(1, max_new_tokens):
@@ -612,13 +616,15 @@ class Engine:
                 stop = STOP_CANCELLED
                 break
             start = time.perf_counter()  # fresh: the hooks above (a re-planning eviction) took time too
-            if start + GUARD_STEP_MARGIN * max(recent) > deadline_at:
+            expected = max(recent)
+            if start + margin * expected > deadline_at:
                 stop = STOP_DEADLINE
                 break
             logits = self.decode_step(state, token, position)
             nxt = int(logits.argmax()) if generator is None else _sample(logits, sampling, generator)
             now = time.perf_counter()
             step = now - start
+            self.guard.observe(step, expected)
             recent.append(step)
             steps.append(step)
             tokens.append(nxt)
