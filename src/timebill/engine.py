@@ -22,7 +22,7 @@ from transformers import DynamicCache
 
 from timebill.errors import InvalidInputError, PromptTooLongError
 from timebill.fastpath import WEIGHT_MODES, FastDecoder, FastPathUnsupported, StaticKVCache
-from timebill.guard import GUARD_FLOOR, GuardMargin
+from timebill.guard import GuardMargin
 from timebill.kernels import (
     KV_CHOICES,
     PREFILL_CHOICES,
@@ -58,9 +58,8 @@ STOP_MAX_TOKENS = "max_tokens"
 STOP_DEADLINE = "deadline"
 # The deadline guard expects the next decode step to take up to a factor times the longest of the last
 # GUARD_WINDOW steps: "the last step's duration" alone let 1 of 100 tight requests end 0.2 ms late
-# (benchmarks/planner_overhead.py). The factor is GUARD_STEP_MARGIN on a fresh engine and then learned
-# from the engine's own steps (timebill.guard.GuardMargin): a contended host's jumpier steps raise it.
-GUARD_STEP_MARGIN = GUARD_FLOOR
+# (benchmarks/planner_overhead.py). The factor is timebill.guard.GUARD_FLOOR on a fresh engine and then
+# learned from the engine's own steps (timebill.guard.GuardMargin): a contended host's jumpier steps raise it.
 GUARD_WINDOW = 4
 STOP_CANCELLED = "cancelled"  # the caller's should_stop() said so (e.g. a server client disconnected)
 
