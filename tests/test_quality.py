@@ -18,6 +18,7 @@ from timebill.quality import (
     QualityModel,
     _ratio_of_means,
     fit_quality,
+    fit_quality_many,
     load_quality,
     save_quality,
     shrink_toward_pooled,
@@ -25,7 +26,7 @@ from timebill.quality import (
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_SUITE = ROOT / "benchmarks" / "suites" / "longbench-style-v1.jsonl"
-CALIBRATION_SUITE = ROOT / "benchmarks" / "suites" / "calibration-v1.jsonl"
+CALIBRATION_SUITES = [ROOT / "benchmarks" / "suites" / f"calibration-v{i}.jsonl" for i in (1, 2)]
 
 WORDS = {1: "amber", 2: "anchor", 3: "brave", 4: "badger", 5: "foo", 6: "the", 7: "cat", 8: "sat"}
 
@@ -79,7 +80,8 @@ def test_fit_relative_factors_are_ratios_of_mean_scores_over_shared_tasks(fitted
     assert pooled.n == 3 and pooled.base == pytest.approx((1 + 0.5 + 2 / 3) / 3)
     assert pooled.relative["weights:int8"] == pytest.approx(2 / 3)  # over r1, r2 only: c1 has no int8 run
     assert retrieval.lengths == [2, 2] and chat.lengths == [3] and sorted(pooled.lengths) == [2, 2, 3]
-    assert fitted.model_fingerprint == "fp123" and fitted.suite["name"] == "tiny-calibration"
+    assert fitted.model_fingerprint == "fp123" and fitted.suites[0]["name"] == "tiny-calibration"
+    assert fitted.suites[0]["tasks"] == 3
 
 
 def test_fit_partial_curve_scores_vanilla_cut_to_ceil_f_len_tokens(fitted: QualityModel) -> None:
@@ -101,13 +103,59 @@ def test_fit_needs_vanilla(tmp_path: Path) -> None:
         fit_quality(runs, _suite(tmp_path), decode, "m", "f")
 
 
+def test_fit_pools_suites_whose_task_ids_collide(tmp_path: Path) -> None:
+    """Two calibration suites both name a task "r1": each counts once, with its own answers (not a cache hit)."""
+    first = tmp_path / "one"
+    second = tmp_path / "two"
+    first.mkdir()
+    second.mkdir()
+    runs_a = _write_runs(first, {"vanilla": {"r1": [1, 2], "r2": [3, 5], "c1": [6, 7, 8]}, "int8": {"r1": [1, 2]}})
+    runs_b = _write_runs(second, {"vanilla": {"r1": [5], "r2": [3, 4]}, "int8": {"r1": [1, 2], "r2": [3, 4]}})
+    tasks = [
+        Task("r1", "retrieval", "qa_f1", "Q1?", ("amber anchor",), 32),
+        Task("r2", "retrieval", "qa_f1", "Q2?", ("brave badger",), 32),
+    ]
+    header = {"format": "timebill-bench-suite", "format_version": 1, "name": "tiny-calibration-2"}
+    other = read_suite(write_suite(second / "tiny2.jsonl", header, tasks))
+    model = fit_quality_many([(runs_a, _suite(first)), (runs_b, other)], decode, "tiny-model", "fp123")
+    retrieval = model.kinds["retrieval"]
+    # vanilla F1: suite one r1 1, r2 0.5; suite two r1 0 ("foo"), r2 1
+    assert retrieval.n == 4 and retrieval.base == pytest.approx(2.5 / 4)
+    # int8 pairs: (1, 1) in suite one; (1, 0) and (1, 1) in suite two
+    assert retrieval.relative_raw["weights:int8"] == pytest.approx(3 / 2)
+    assert model.kinds["all"].n == 5
+    assert [(x["name"], x["tasks"]) for x in model.suites] == [("tiny-calibration", 3), ("tiny-calibration-2", 2)]
+    with pytest.raises(InvalidInputError, match="named twice"):
+        fit_quality_many([(runs_a, _suite(first)), (runs_a, _suite(first))], decode, "m", "f")
+
+
+def test_calibrate_needs_one_runs_directory_per_suite(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app,
+        [
+            "calibrate",
+            "--suite",
+            str(CALIBRATION_SUITES[0]),
+            "--suite",
+            str(CALIBRATION_SUITES[1]),
+            "--runs",
+            str(tmp_path),
+            "--fit-only",
+            "--out",
+            str(tmp_path / "q.json"),
+        ],
+    )
+    assert result.exit_code == 2 and "one runs directory per suite" in result.output
+    assert not (tmp_path / "q.json").exists()
+
+
 def test_save_load_round_trip_is_atomic(fitted: QualityModel, tmp_path: Path) -> None:
     path = save_quality(fitted, tmp_path / "q" / "quality.json")
     assert [p.name for p in path.parent.iterdir()] == ["quality.json"]  # no temp file left behind
     again = load_quality(path, model_fingerprint="fp123")
     assert again.to_dict() == fitted.to_dict()
     data = json.loads(path.read_text())
-    assert data["format"] == "timebill-quality" and data["format_version"] == 2
+    assert data["format"] == "timebill-quality" and data["format_version"] == 3
     assert set(data["kinds"]) == {"retrieval", "chat", "all"}
 
 
@@ -133,8 +181,16 @@ def test_the_shipped_quality_file_is_for_the_shipped_model_and_a_missing_one_is_
     assert DEFAULT_QUALITY_FILE.name == "quality-smollm2-135m.json"
     manifest = json.loads((ROOT / "docs" / "results" / "calibration-v1" / "manifest.json").read_text())
     shipped = load_quality(DEFAULT_QUALITY_FILE, model_fingerprint=manifest["model_fingerprint"])
-    assert shipped.suite["name"] == "calibration-v1"
-    assert set(shipped.kinds) == {"retrieval", "code", "chat", "all"} and shipped.kinds["all"].n == 24
+    assert [s["name"] for s in shipped.suites] == ["calibration-v1", "calibration-v2"]
+    for entry in shipped.suites:  # each suite's runs are committed, of that very suite file
+        runs_manifest = json.loads((ROOT / entry["runs_dir"] / "manifest.json").read_text())
+        assert (
+            runs_manifest["suite_sha256"]
+            == entry["sha256"]
+            == read_suite(ROOT / "benchmarks" / "suites" / f"{entry['name']}.jsonl").sha256
+        )
+        assert runs_manifest["model_fingerprint"] == manifest["model_fingerprint"]
+    assert set(shipped.kinds) == {"retrieval", "code", "chat", "all"} and shipped.kinds["all"].n == 48
     for kind in shipped.kinds:  # every one-knob configuration the planner offers is priced
         for w, rho, alpha in [("int8", 0, 0), ("int4", 0, 0), ("fp32", 0.9, 0), ("fp32", 0, 0.95)]:
             assert 0.0 <= shipped.score(kind, w, rho, alpha) <= 1.0
@@ -187,10 +243,11 @@ def _rows(path: Path) -> tuple[dict, list[dict]]:
     return rows[0], rows[1:]
 
 
-def test_calibration_suite_is_marked_and_names_the_suite_it_excludes() -> None:
-    header, tasks = _rows(CALIBRATION_SUITE)
+@pytest.mark.parametrize("version", [1, 2])
+def test_calibration_suite_is_marked_and_names_the_suite_it_excludes(version: int) -> None:
+    header, tasks = _rows(CALIBRATION_SUITES[version - 1])
     eval_suite = read_suite(EVAL_SUITE)
-    assert header["purpose"] == "calibration" and header["name"] == "calibration-v1"
+    assert header["purpose"] == "calibration" and header["name"] == f"calibration-v{version}"
     assert header["excludes"] == {"name": "longbench-style-v1", "sha256": eval_suite.sha256}
     assert {k: sum(t["kind"] == k for t in tasks) for k in ("retrieval", "code", "chat")} == {
         "retrieval": 8,
@@ -200,8 +257,9 @@ def test_calibration_suite_is_marked_and_names_the_suite_it_excludes() -> None:
     assert all(512 <= t["prompt_tokens"] <= 8192 - t["max_new_tokens"] for t in tasks)
 
 
-def test_calibration_suite_shares_no_source_with_the_evaluation_suite() -> None:
-    _, cal = _rows(CALIBRATION_SUITE)
+@pytest.mark.parametrize("version", [1, 2])
+def test_calibration_suite_shares_no_source_with_the_evaluation_suite(version: int) -> None:
+    _, cal = _rows(CALIBRATION_SUITES[version - 1])
     _, ev = _rows(EVAL_SUITE)
 
     def used(tasks: list[dict], kind: str, field: str) -> set:
@@ -216,6 +274,17 @@ def test_calibration_suite_shares_no_source_with_the_evaluation_suite() -> None:
     assert not used(cal, "chat", "sharegpt_index") & used(ev, "chat", "sharegpt_index")
     assert not used(cal, "retrieval", "essays") & used(ev, "retrieval", "essays")
     assert len(used(cal, "code", "file")) == 8 and len(used(cal, "chat", "sharegpt_index")) == 8
+
+
+def test_the_two_calibration_suites_are_different_tasks() -> None:
+    """v2 adds measurements, not copies: no stdlib file, conversation or prompt of v1 again (the 7 essays
+    outside the evaluation suite are all there is, so v2's haystacks reuse them with new needles and depths)."""
+    (_, v1), (_, v2) = (_rows(path) for path in CALIBRATION_SUITES)
+    for kind, field in (("code", "file"), ("chat", "sharegpt_index")):
+        assert not {t["source"][field] for t in v1 if t["kind"] == kind} & {
+            t["source"][field] for t in v2 if t["kind"] == kind
+        }
+    assert not {t["prompt"] for t in v1} & {t["prompt"] for t in v2}
 
 
 def test_calibrate_refuses_the_evaluation_suite(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 
@@ -36,7 +37,7 @@ def _quality(alpha_factor: float) -> QualityModel:
         partial=[(0.5, 0.5), (1.0, 1.0)],
         lengths=[8, 12, 16, 16],
     )
-    return QualityModel("SmolLM2-135M-Instruct", "test", {"name": "hand-built", "sha256": "0"}, {"all": kq})
+    return QualityModel("SmolLM2-135M-Instruct", "test", [{"name": "hand-built", "sha256": "0"}], {"all": kq})
 
 
 def test_the_chosen_configuration_is_what_runs(engine, estimator) -> None:
@@ -119,3 +120,31 @@ def test_a_run_recalibrates_the_chosen_modes_time_model(engine, estimator) -> No
     window = selector.time_errors["fp32"]
     assert window.current() is window.prior  # one run is not a distribution yet
     assert min(window.samples) > 1.5  # steps 4x slower than planned: the whole run clearly slower
+
+
+_NO_ENGINE = SimpleNamespace(weights="fp32")  # staleness reads no engine
+
+
+def test_a_planned_run_is_stale_only_against_another_quality_model(tmp_path) -> None:
+    """A bench resumed with a refitted quality file reruns the planner's runs; reading a folder keeps them.
+
+    The expected-score planner reads no length predictor (its lengths are the quality model's prior), so a
+    predictor label must not mark its runs stale — that once dropped every planned run from `bench-combine`.
+    """
+    from timebill.quality import quality_label
+
+    method = ExpectedScoreMethod("timebill-kill", policy="kill")
+    path = tmp_path / "quality.json"
+    path.write_text('{"a": 1}')
+    label = quality_label(path)
+    assert label.startswith("quality.json (sha256 ") and label != quality_label(tmp_path / "none.json")
+    record = {"key": "timebill-kill|t1|5", "quality": label, "predictor": None}
+    planning = Resources(_NO_ENGINE, predictor_label="probe.pt (sha256 1)", quality_label=label)
+    assert method.stale(record, planning) is None  # another predictor label: irrelevant to this planner
+    path.write_text('{"a": 2}')  # refitted in place
+    assert (
+        method.stale(record, Resources(_NO_ENGINE, quality_label=quality_label(path)))
+        == "planned with another quality model"
+    )
+    assert method.stale({"key": "old"}, Resources(_NO_ENGINE, quality_label=label)) is not None  # unlabelled: rerun
+    assert method.stale({"key": "old"}, Resources(_NO_ENGINE)) is None  # reading (combine, simulate): kept

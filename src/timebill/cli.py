@@ -786,6 +786,7 @@ def bench(
     from timebill.bench.suite import default_suite_path, parse_part, read_suite, select_fraction, select_part
     from timebill.engine import Engine
     from timebill.facade import TimeBill, parse_budget
+    from timebill.quality import DEFAULT_QUALITY_FILE, quality_label
 
     try:
         part_of = parse_part(part) if part is not None else None
@@ -828,6 +829,7 @@ def bench(
             make_timebill=make_timebill,
             predictor_label=label,
             make_selector=lambda res: _bench_selector(res, model, quality),
+            quality_label="" if report_only else quality_label(quality or DEFAULT_QUALITY_FILE),
         )
         if not report_only and any(isinstance(method_registry()[m], TimeBillMethod) for m in options.methods):
             resources.timebill()  # a missing profile or predictor fails now, not after hours of runs
@@ -1036,11 +1038,18 @@ def bench_suite(
 @app.command("calibrate")
 def calibrate(
     suite: Annotated[
-        str | None,
-        typer.Option(help="Calibration suite, never the evaluation suite (default: benchmarks/suites/calibration-v1)."),
+        list[str] | None,
+        typer.Option(
+            help="Calibration suite, never the evaluation suite; repeat for several, pooled "
+            "(default: benchmarks/suites/calibration-v1 and calibration-v2)."
+        ),
     ] = None,
     runs: Annotated[
-        str | None, typer.Option(help="Bench output directory for the runs (default: the cache, named after --out).")
+        list[str] | None,
+        typer.Option(
+            help="Bench output directory for the runs, one per --suite in the same order "
+            "(default: the cache, named after --out and the suite)."
+        ),
     ] = None,
     out: Annotated[str | None, typer.Option(help="Quality file to write (default: the shipped one).")] = None,
     methods: Annotated[
@@ -1055,25 +1064,30 @@ def calibrate(
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar with ETA.")] = True,
     fit_only: Annotated[bool, typer.Option("--fit-only", help="Run nothing: fit from the runs in --runs.")] = False,
 ) -> None:
-    """Measure the quality model Q(weights, ρ, α | kind) on the calibration suite and write it atomically."""
+    """Measure the quality model Q(weights, ρ, α | kind) on the calibration suites and write it atomically."""
     from timebill import quality as q
     from timebill.bench.methods import Resources
     from timebill.bench.suite import default_suite_path, read_suite
     from timebill.engine import Engine
 
     try:
-        task_file = read_suite(suite or default_suite_path().with_name("calibration-v1.jsonl"))
-        q.check_calibration_suite(task_file)  # before loading any model
+        paths = suite or [str(default_suite_path().with_name(p.name)) for p in q.DEFAULT_CALIBRATION_SUITES]
+        task_files = [read_suite(path) for path in paths]
+        for task_file in task_files:
+            q.check_calibration_suite(task_file)  # before loading any model
         target = out or q.DEFAULT_QUALITY_FILE
-        runs_dir = runs or q.default_runs_dir(target)
+        if runs and len(runs) != len(task_files):
+            raise InvalidInputError(
+                f"{len(runs)} --runs for {len(task_files)} --suite: give one runs directory per suite, in order"
+            )
+        runs_dirs = runs or [str(q.default_runs_dir(target, t.name)) for t in task_files]
         engine = Engine.load(model, threads=threads)
         resources = Resources(
             engine, load_engine=lambda weights: Engine.load(model, threads=engine.threads, weights=weights)
         )
         quality, path = q.calibrate(
             resources,
-            task_file,
-            runs_dir,
+            list(zip(runs_dirs, task_files, strict=True)),
             target,
             methods=_split_list(methods) or list(q.CALIBRATION_METHODS),
             cpu_lock=cpu_lock,
@@ -1096,7 +1110,7 @@ def calibrate(
             for knob, r in k.relative.items()
         )
         typer.echo(f"{name}: n={k.n} base={k.base:.3f} {factors}")
-    typer.echo(f"quality model: {path} (runs in {runs_dir})")
+    typer.echo(f"quality model: {path} (runs in {', '.join(runs_dirs)})")
 
 
 def main() -> None:

@@ -1,8 +1,9 @@
 """The quality model Q(θ | kind): expected score of a configuration θ = (weights, ρ, α), measured offline.
 
 ``timebill calibrate`` runs the budget-independent bench methods (vanilla, int8/int4, SnapKV at fixed α,
-BM25 compression at fixed ρ) on the *calibration* suite (``benchmarks/suites/calibration-v1.jsonl``, disjoint
-from the evaluation suite), and :func:`fit_quality` turns their run records into one JSON file per model:
+BM25 compression at fixed ρ) on the *calibration* suites (``benchmarks/suites/calibration-v1.jsonl`` and
+``calibration-v2.jsonl``, 24 tasks each, both disjoint from the evaluation suite), and :func:`fit_quality_many`
+pools their run records (each suite's runs in their own directory) into one JSON file per model:
 per task kind, vanilla's mean score, each knob's score relative to vanilla, the score of vanilla's answer
 cut short (for the guard policy's partial answers) and vanilla's answer lengths (a length prior).
 
@@ -27,10 +28,16 @@ from typing import Any
 from timebill.errors import InvalidInputError, TimeBillError
 
 QUALITY_FORMAT = "timebill-quality"
-QUALITY_FORMAT_VERSION = 2  # v2: per-kind factors shrunk toward the pooled one; raw factors and SEs kept
+# v2: per-kind factors shrunk toward the pooled one; raw factors and SEs kept. v3: fitted from several
+# calibration suites at once ("suites": a list of name / sha256 / runs directory / tasks).
+QUALITY_FORMAT_VERSION = 3
 #: The shipped quality model of the default model (written by ``timebill calibrate``).
 DEFAULT_QUALITY_FILE = Path(__file__).parent / "data" / "quality-smollm2-135m.json"
-DEFAULT_CALIBRATION_SUITE = Path("benchmarks") / "suites" / "calibration-v1.jsonl"
+DEFAULT_CALIBRATION_SUITES = (
+    Path("benchmarks") / "suites" / "calibration-v1.jsonl",
+    Path("benchmarks") / "suites" / "calibration-v2.jsonl",
+)
+DEFAULT_CALIBRATION_SUITE = DEFAULT_CALIBRATION_SUITES[0]
 #: The evaluation suite's name: calibrating on it would leak the evaluated tasks into the planner.
 EVALUATION_SUITE_NAME = "longbench-style-v1"
 CALIBRATION_METHODS = (
@@ -148,9 +155,8 @@ class QualityModel:
 
     model_id: str
     model_fingerprint: str
-    suite: dict[str, str]  # name, sha256 of the calibration suite
+    suites: list[dict[str, Any]]  # per calibration suite: name, sha256, runs_dir, tasks (with a vanilla run)
     kinds: dict[str, KindQuality]  # "retrieval", "code", "chat", ..., and "all"
-    runs_dir: str = ""
     command: str = ""
     created: str = ""
     machine: str = ""
@@ -206,14 +212,25 @@ class QualityModel:
             "format_version": QUALITY_FORMAT_VERSION,
             "model_id": self.model_id,
             "model_fingerprint": self.model_fingerprint,
-            "suite": dict(self.suite),
-            "runs_dir": self.runs_dir,
+            "suites": [dict(x) for x in self.suites],
             "command": self.command,
             "created": self.created,
             "machine": self.machine,
             **({"extra": self.extra} if self.extra else {}),
             "kinds": {name: k.to_dict() for name, k in self.kinds.items()},
         }
+
+
+def quality_label(path: str | os.PathLike[str]) -> str:
+    """How run records name the quality model they were planned with: file name and a hash of its bytes.
+
+    Refitting the file in place changes the hash, so the expected-score runs made with the old one are stale.
+    """
+    import hashlib
+
+    path = Path(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path.is_file() else "missing"
+    return f"{path.name} (sha256 {digest})"
 
 
 def save_quality(model: QualityModel, path: str | os.PathLike[str]) -> Path:
@@ -251,9 +268,8 @@ def load_quality(path: str | os.PathLike[str], *, model_fingerprint: str | None 
     model = QualityModel(
         model_id=str(data.get("model_id", "?")),
         model_fingerprint=str(data.get("model_fingerprint", "?")),
-        suite={str(k): str(v) for k, v in (data.get("suite") or {}).items()},
+        suites=[dict(x) for x in data.get("suites") or [] if isinstance(x, dict)],
         kinds=kinds,
-        runs_dir=str(data.get("runs_dir", "")),
         command=str(data.get("command", "")),
         created=str(data.get("created", "")),
         machine=str(data.get("machine", "")),
@@ -287,33 +303,58 @@ def _prefix_tokens(fraction: float, length: int) -> int:
     return math.ceil(fraction * length - 1e-9)
 
 
-def _fit_kind(tasks: Sequence[Any], runs: dict[str, dict[str, dict[str, Any]]], scorer: Any) -> KindQuality | None:
+@dataclass(frozen=True)
+class _TaskScores:
+    """One calibration task's measurements: what every fit reads, scored once (task ids of two suites may collide)."""
+
+    kind: str
+    vanilla: float  # vanilla's full score
+    length: int  # vanilla's answer tokens
+    partial: dict[float, float]  # f → score of vanilla's answer cut to ceil(f·len) tokens
+    knobs: dict[str, float]  # "rho:0.5" → that configuration's full score on this task
+
+
+def _score_tasks(tasks: Sequence[Any], runs: dict[str, dict[str, dict[str, Any]]], scorer: Any) -> list[_TaskScores]:
+    """Score each task with a vanilla run (tasks without one say nothing relative to vanilla)."""
     from timebill.bench.runner import run_key
 
     vanilla = runs.get("vanilla", {})
-    done = [(t, vanilla[run_key("vanilla", t.id, None)]) for t in tasks if run_key("vanilla", t.id, None) in vanilla]
+    knob_runs = [(knob, method, records) for method, records in runs.items() if (knob := knob_of(method)) is not None]
+    out = []
+    for t in tasks:
+        v = vanilla.get(run_key("vanilla", t.id, None))
+        if v is None:
+            continue
+        n = len(v.get("token_ids", []))
+        out.append(
+            _TaskScores(
+                kind=t.kind,
+                vanilla=scorer.full(v["key"], t, v),
+                length=n,
+                partial={f: scorer.prefix(v["key"], t, v, _prefix_tokens(f, n)) for f in PARTIAL_FRACTIONS},
+                knobs={
+                    knob: scorer.full(rec["key"], t, rec)
+                    for knob, method, records in knob_runs
+                    if (rec := records.get(run_key(method, t.id, None))) is not None
+                },
+            )
+        )
+    return out
+
+
+def _fit_kind(done: Sequence[_TaskScores]) -> KindQuality | None:
     if not done:
         return None
-    full = {t.id: scorer.full(r["key"], t, r) for t, r in done}
-    base = _mean(list(full.values()))
+    base = _mean([t.vanilla for t in done])
     relative: dict[str, float] = {}
     standard_errors: dict[str, float | None] = {}
-    for method, records in runs.items():
-        knob = knob_of(method)
-        if knob is None:
-            continue
-        pairs = [
-            (scorer.full(rec["key"], t, rec), full[t.id])
-            for t, _ in done
-            if (rec := records.get(run_key(method, t.id, None))) is not None
-        ]
-        if pairs:
-            relative[knob], standard_errors[knob] = _ratio_of_means(pairs)
+    for knob in sorted({k for t in done for k in t.knobs}):
+        pairs = [(t.knobs[knob], t.vanilla) for t in done if knob in t.knobs]
+        relative[knob], standard_errors[knob] = _ratio_of_means(pairs)
     partial = []
     for f in PARTIAL_FRACTIONS:
         if base > 0:
-            cut = [scorer.prefix(r["key"], t, r, _prefix_tokens(f, len(r.get("token_ids", [])))) for t, r in done]
-            partial.append((f, min(1.0, _mean(cut) / base)))
+            partial.append((f, min(1.0, _mean([t.partial[f] for t in done]) / base)))
         else:
             partial.append((f, f))  # no signal: a neutral straight line
     return KindQuality(
@@ -321,7 +362,7 @@ def _fit_kind(tasks: Sequence[Any], runs: dict[str, dict[str, dict[str, Any]]], 
         base=base,
         relative=relative,
         partial=partial,
-        lengths=[len(r.get("token_ids", [])) for _, r in done],
+        lengths=[t.length for t in done],
         relative_raw=dict(relative),
         relative_se=standard_errors,
         shrink_weight={k: 1.0 for k in relative},
@@ -382,23 +423,10 @@ def shrink_toward_pooled(kinds: dict[str, KindQuality], pooled: KindQuality) -> 
     return out
 
 
-def fit_quality(
-    runs_dir: str | os.PathLike[str],
-    suite: Any,  # timebill.bench.suite.Suite
-    tokenizer_decode: Callable[[list[int]], str],
-    model_id: str,
-    fingerprint: str,
-    *,
-    methods: Sequence[str] | None = None,
-    command: str = "",
-) -> QualityModel:
-    """Fit Q(θ | kind) from a bench output directory's run files (``DIR/runs/<method>.jsonl``).
-
-    Scores with the benchmark's own :class:`~timebill.bench.methods.Scorer` (``tokenizer_decode`` turns
-    a token-id prefix into text, as ``Resources.decode`` does). The directory's manifest, when present,
-    must be of this suite and model.
-    """
-    from timebill.bench.methods import Scorer
+def _read_calibration_runs(
+    runs_dir: str | os.PathLike[str], suite: Any, fingerprint: str, methods: Sequence[str] | None
+) -> tuple[dict[str, dict[str, dict[str, Any]]], dict[str, Any]]:
+    """One suite's run records by method (budgeted methods' files skipped), after checking its manifest."""
     from timebill.bench.runner import load_manifest, read_runs
 
     check_calibration_suite(suite)
@@ -420,44 +448,96 @@ def fit_quality(
             runs[name] = records
     if "vanilla" not in runs:
         raise QualityError(f"{out}/runs has no vanilla runs: the quality model is relative to vanilla")
-    scorer = Scorer(tokenizer_decode)
+    return runs, manifest
+
+
+def fit_quality_many(
+    sources: Sequence[tuple[str | os.PathLike[str], Any]],  # (runs directory, timebill.bench.suite.Suite)
+    tokenizer_decode: Callable[[list[int]], str],
+    model_id: str,
+    fingerprint: str,
+    *,
+    methods: Sequence[str] | None = None,
+    command: str = "",
+) -> QualityModel:
+    """Fit Q(θ | kind) from several calibration suites' run directories (``DIR/runs/<method>.jsonl``), pooled.
+
+    Every task of every suite counts once, as one more paired measurement: more calibration tasks is the
+    only thing that shrinks the factors' standard errors, and the suites are disjoint from the evaluation
+    suite alike. Scores with the benchmark's own :class:`~timebill.bench.methods.Scorer` (``tokenizer_decode``
+    turns a token-id prefix into text, as ``Resources.decode`` does); one scorer per suite, since two suites
+    may name different tasks alike. Each directory's manifest, when present, must be of its suite and model.
+    """
+    from timebill.bench.methods import Scorer
+
+    if not sources:
+        raise InvalidInputError("fit_quality_many needs at least one (runs directory, suite)")
+    names = [suite.name for _, suite in sources]
+    if len(set(names)) != len(names):
+        raise InvalidInputError(f"a calibration suite is named twice: {', '.join(names)}")
+    scored: list[_TaskScores] = []
+    described: list[dict[str, Any]] = []
+    machines: list[str] = []
+    for runs_dir, suite in sources:
+        runs, manifest = _read_calibration_runs(runs_dir, suite, fingerprint, methods)
+        tasks = _score_tasks(list(suite.tasks), runs, Scorer(tokenizer_decode))
+        if not tasks:
+            raise QualityError(f"no vanilla run in {runs_dir} is of a task of {suite.path}")
+        scored.extend(tasks)
+        described.append({"name": suite.name, "sha256": suite.sha256, "runs_dir": str(runs_dir), "tasks": len(tasks)})
+        if manifest.get("machine") and manifest["machine"] not in machines:
+            machines.append(str(manifest["machine"]))
     kinds: dict[str, KindQuality] = {}
-    for kind in sorted({t.kind for t in suite.tasks}):
-        fitted = _fit_kind([t for t in suite.tasks if t.kind == kind], runs, scorer)
+    for kind in sorted({t.kind for t in scored}):
+        fitted = _fit_kind([t for t in scored if t.kind == kind])
         if fitted is not None:
             kinds[kind] = fitted
-    pooled = _fit_kind(list(suite.tasks), runs, scorer)
-    if pooled is None:
-        raise QualityError(f"no vanilla run in {out} is of a task of {suite.path}")
+    pooled = _fit_kind(scored)
+    assert pooled is not None  # scored is not empty
     kinds = shrink_toward_pooled(kinds, pooled)
     kinds[ALL] = pooled
     return QualityModel(
         model_id=model_id,
         model_fingerprint=fingerprint,
-        suite={"name": suite.name, "sha256": suite.sha256},
+        suites=described,
         kinds=kinds,
-        runs_dir=str(runs_dir),
         command=command,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        machine=str(manifest.get("machine", "")),
+        machine="; ".join(machines),  # quality does not depend on the host; the runs' timings do
     )
 
 
-def default_runs_dir(out: str | os.PathLike[str]) -> Path:
-    """Where ``timebill calibrate`` keeps its bench runs by default: the cache, named after the quality file.
+def fit_quality(
+    runs_dir: str | os.PathLike[str],
+    suite: Any,  # timebill.bench.suite.Suite
+    tokenizer_decode: Callable[[list[int]], str],
+    model_id: str,
+    fingerprint: str,
+    *,
+    methods: Sequence[str] | None = None,
+    command: str = "",
+) -> QualityModel:
+    """:func:`fit_quality_many` of one calibration suite."""
+    return fit_quality_many(
+        [(runs_dir, suite)], tokenizer_decode, model_id, fingerprint, methods=methods, command=command
+    )
+
+
+def default_runs_dir(out: str | os.PathLike[str], suite_name: str | None = None) -> Path:
+    """Where ``timebill calibrate`` keeps a suite's bench runs by default: the cache, named after the quality file.
 
     Not beside the file: the shipped quality file lives in the package's data folder, and hundreds of run
     records do not belong in an installed package (the shipped model's runs are in docs/results instead).
     """
     from timebill.paths import cache_dir
 
-    return cache_dir() / "calibration" / (Path(out).stem + "-runs")
+    folder = cache_dir() / "calibration" / (Path(out).stem + "-runs")
+    return folder / suite_name if suite_name else folder
 
 
 def calibrate(
     resources: Any,  # timebill.bench.methods.Resources
-    suite: Any,
-    runs_dir: str | os.PathLike[str],
+    sources: Sequence[tuple[str | os.PathLike[str], Any]],  # (runs directory, suite) per calibration suite
     out: str | os.PathLike[str],
     *,
     methods: Sequence[str] = CALIBRATION_METHODS,
@@ -467,10 +547,11 @@ def calibrate(
     command: str = "",
     log: Callable[[str], None] = print,
 ) -> tuple[QualityModel, Path]:
-    """Run the budget-independent methods on the calibration suite (resumable), fit, write ``out`` atomically."""
+    """Run the budget-independent methods on each calibration suite (resumable), fit, write ``out`` atomically."""
     from timebill.bench.runner import BenchOptions, run_benchmark
 
-    check_calibration_suite(suite)
+    for _, suite in sources:
+        check_calibration_suite(suite)
     methods = list(methods)
     if "vanilla" not in methods:
         raise InvalidInputError("--methods must include vanilla: every factor is relative to it")
@@ -480,11 +561,11 @@ def calibrate(
         options = BenchOptions(
             methods=methods, k_sweep=(), cpu_lock=cpu_lock, progress=progress, command=command, n_budgets=6
         )
-        run_benchmark(resources, suite, list(suite.tasks), runs_dir, options, log=log)
+        for runs_dir, suite in sources:
+            run_benchmark(resources, suite, list(suite.tasks), runs_dir, options, log=log)
     source = getattr(resources.engine, "source", None)
-    model = fit_quality(
-        runs_dir,
-        suite,
+    model = fit_quality_many(
+        sources,
         resources.decode,
         getattr(source, "model_id", "?"),
         getattr(source, "fingerprint", "?"),

@@ -81,6 +81,7 @@ class Resources:
         make_timebill: Callable[[Any], Any] | None = None,  # fp32 Engine -> TimeBill
         predictor_label: str = "",
         make_selector: Callable[[Resources], Any] | None = None,  # -> timebill.selector.Selector
+        quality_label: str = "",  # the expected-score planner's quality file (name and hash); "": any
     ) -> None:
         self.engine = engine
         self._engines: dict[str, Any] = {engine.weights: engine}
@@ -88,6 +89,7 @@ class Resources:
         self._make_timebill = make_timebill
         self._timebill: Any = None
         self.predictor_label = predictor_label
+        self.quality_label = quality_label
         self._make_selector = make_selector
         self._selector: Any = None
 
@@ -131,6 +133,13 @@ class Method(ABC):
 
     @abstractmethod
     def run(self, resources: Resources, task: Task, budget_s: float | None) -> dict[str, Any]: ...
+
+    def stale(self, record: dict[str, Any], resources: Resources) -> str | None:
+        """Why ``record`` no longer counts as this method's run with ``resources`` (None: it counts).
+
+        A budget-independent run depends only on the engine; a planned run also on what it planned with.
+        """
+        return None
 
     @abstractmethod
     def describe(self) -> str: ...
@@ -275,6 +284,11 @@ class TimeBillMethod(Method):
             record["predicted_e2e_s"] = None
         return record
 
+    def stale(self, record: dict[str, Any], resources: Resources) -> str | None:
+        if record.get("predictor") != resources.predictor_label:
+            return "made with another length predictor"
+        return None
+
     def describe(self) -> str:
         bound = "calibrated upper(δ) bound" if self.bound == "conformal" else f"k = {self.k:g}"
         return f"TimeBill, {bound}, re-planning {'on' if self.replan else 'off'} (one run per task and budget)"
@@ -334,8 +348,17 @@ class ExpectedScoreMethod(Method):
             "decode_path": gen.decode_path,
             "compress_s": getattr(gen, "compress_s", 0.0),
             "planner": "expected",
+            "quality": resources.quality_label,
             "selection": out.selection.to_record(),
         }
+
+    def stale(self, record: dict[str, Any], resources: Resources) -> str | None:
+        """Planned with another quality model (this planner reads no length predictor: its lengths are the
+        quality model's per-kind prior). Only a run that will plan compares labels: reading a folder
+        (``--report-only``, ``bench-combine``, the simulator) keeps whatever the runs were made with."""
+        if resources.quality_label and record.get("quality") != resources.quality_label:
+            return "planned with another quality model"
+        return None
 
     def describe(self) -> str:
         return (

@@ -11,8 +11,9 @@ Order: budget-independent methods first (vanilla, fixed α, int8 — one run per
 are chosen from vanilla's measured end-to-end times (unless given), then TimeBill's methods per budget,
 then the k sweep at the tightest budget. Each run's record is appended, flushed and fsync'd the moment
 it ends, so killing the process loses at most the run in flight; a restart reads the files, ignores a
-torn last line (cutting it off before appending) and skips every key already there. A TimeBill record
-made with another length predictor does not count as done: swapping the predictor reruns only TimeBill.
+torn last line (cutting it off before appending) and skips every key already there. A planned record made
+with something else (the paper planner's length predictor, the expected-score planner's quality model) does not
+count as done (:meth:`Method.stale`): swapping either reruns only the methods that read it.
 
 Timings from two machines cannot share budgets, so a directory belongs to the machine that started it:
 resuming its missing runs elsewhere is refused (rebuilding the report anywhere is fine). A full run
@@ -344,16 +345,19 @@ def run_benchmark(
     store = RunStore(out)
     records: dict[str, dict[str, dict[str, Any]]] = {}
     all_methods = {m.name: m for m in [*trace_methods, *budget_methods, *k_methods]}
-    stale = 0
+    stale: dict[str, int] = {}
     for name, method in all_methods.items():
         loaded = store.load(name)
-        if method.budgeted:
-            fresh = {k: r for k, r in loaded.items() if r.get("predictor") == resources.predictor_label}
-            stale += len(loaded) - len(fresh)
-            loaded = fresh
-        records[name] = loaded
-    if stale:
-        log(f"note: {stale} TimeBill runs were made with another length predictor; they will be rerun")
+        fresh = {}
+        for key, record in loaded.items():
+            why = method.stale(record, resources)
+            if why is None:
+                fresh[key] = record
+            else:
+                stale[why] = stale.get(why, 0) + 1
+        records[name] = fresh
+    for why, count in stale.items():
+        log(f"note: {count} TimeBill runs were {why}; they will be rerun")
 
     def pending(method: Method, budgets: Sequence[float | None]) -> list[tuple[Method, Task, float | None]]:
         done = records[method.name]
