@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,20 @@ def test_fixed_planners_reproduce_combined_parts_by_level() -> None:
     sim = simulate(parts, scorer, ["fixed:int4"])
     ev, _ = combine(parts, scorer)
     assert len(sim.evaluation.columns) == 6
+    for col in ev.columns:
+        for policy in POLICIES:
+            assert sim.evaluation.cells[("sim:fixed:int4", col.key, policy)] == ev.cells[("int4", col.key, policy)]
+
+
+def test_parts_with_and_without_recorded_planners_simulate_together() -> None:
+    """bench-v2 part 3 recorded the planner methods, part 4 only the budget-independent ones."""
+    v2 = ROOT / "bench-v2"
+    parts, scorer = load_traces([str(v2 / "p03"), str(v2 / "p04")])
+    assert {m.name for m in parts[0].methods} != {m.name for m in parts[1].methods}
+    sim = simulate(parts, scorer, ["fixed:int4"])
+    stripped = [replace(p, methods=[m for m in p.methods if not m.budgeted]) for p in parts]
+    ev, _ = combine(stripped, scorer)
+    assert all(not m.budgeted for m in parts[0].methods if m.name in sim.recorded)
     for col in ev.columns:
         for policy in POLICIES:
             assert sim.evaluation.cells[("sim:fixed:int4", col.key, policy)] == ev.cells[("int4", col.key, policy)]

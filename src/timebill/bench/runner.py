@@ -28,7 +28,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -463,6 +463,22 @@ def runs_predictor(out_dir: str | os.PathLike[str]) -> str | None:
     return labels.most_common(1)[0][0] if labels else None
 
 
+def _recorded_suite(manifest: Mapping[str, Any]) -> str:
+    """The manifest's suite file, or the project's committed copy of it when that path is gone.
+
+    Why: runs are taken in a frozen worktree whose absolute path is recorded and later removed; the
+    committed ``benchmarks/suites/`` file of the same name serves when its sha256 is the recorded one.
+    """
+    recorded = Path(str(manifest["suite_path"]))
+    if recorded.exists():
+        return str(recorded)
+    for root in (Path.cwd(), Path(__file__).resolve().parents[3]):
+        candidate = root / "benchmarks" / "suites" / recorded.name
+        if candidate.exists() and hashlib.sha256(candidate.read_bytes()).hexdigest() == manifest.get("suite_sha256"):
+            return str(candidate)
+    return str(recorded)  # read_suite names the missing file and what to do
+
+
 def load_part(
     resources: Resources,
     out_dir: str | os.PathLike[str],
@@ -481,7 +497,7 @@ def load_part(
         raise BenchError(f"{out} has no manifest.json: it is not a `timebill bench` output directory")
     if not manifest.get("budgets"):
         raise BenchError(f"{out} has no budgets yet: its vanilla runs are not finished")
-    suite = read_suite(suite_path or manifest["suite_path"])
+    suite = read_suite(suite_path or _recorded_suite(manifest))
     tasks = select_fraction(suite.tasks, float(manifest.get("fraction", 1.0)))
     if manifest.get("part"):
         tasks = select_part(tasks, *parse_part(str(manifest["part"])))

@@ -9,6 +9,7 @@ registered with ``hindsight=True`` (``oracle``, an upper bound), which also get 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import statistics
@@ -28,6 +29,8 @@ from timebill.bench.suite import Task
 from timebill.errors import InvalidInputError
 from timebill.estimator.fit import LinFit, QuadFit, fit_decode, fit_prefill
 from timebill.paths import write_bytes_atomically
+
+log = logging.getLogger(__name__)
 
 SIM_PREFIX = "sim:"
 
@@ -327,6 +330,19 @@ def _part_with_planners(
     return replace(data, methods=methods, records=records)
 
 
+def _common_methods(parts: Sequence[BenchData]) -> list[BenchData]:
+    """Each part cut to the methods every part has, so parts that differ only in extra recorded rows combine.
+
+    Why: a part may have recorded planner methods that another part (run budget-independent only) lacks;
+    the simulated planners are the comparison, and a row that not every part has cannot be pooled by level.
+    """
+    common = set.intersection(*({m.name for m in p.methods} for p in parts))
+    dropped = sorted({m.name for p in parts for m in p.methods} - common)
+    if dropped:
+        log.info("simulating over the methods every part ran; left out: %s", ", ".join(dropped))
+    return [replace(p, methods=[m for m in p.methods if m.name in common]) for p in parts]
+
+
 def simulate(
     parts: Sequence[BenchData],
     scorer: Scorer,
@@ -356,8 +372,9 @@ def simulate(
         extended.append(
             _part_with_planners(part, scorer, planners, overhead_s, predictions or {}, in_sample, choices, level_of)
         )
+    extended = _common_methods(extended)
     ev = evaluate(extended[0], scorer) if len(extended) == 1 else combine(extended, scorer)[0]
-    recorded = [m.name for m in parts[0].methods]
+    recorded = [m.name for m in extended[0].methods if not m.name.startswith(SIM_PREFIX)]
     cells = {k: v for k, v in ev.cells.items() if k[0] in recorded}
     for planner in planners:
         for col in ev.columns:
