@@ -162,3 +162,15 @@ def test_machine_signature_tells_apart_cpus_that_share_a_generic_name() -> None:
     assert cpu_signature(zen1) != cpu_signature(zen3)
     # Without the numbers (not x86, or no /proc) it is the name as before.
     assert cpu_signature("model name\t: Some  CPU\n") == "Some CPU"
+
+
+def test_timebill_paper_names_the_paper_planner_runs() -> None:
+    """`--methods timebill-paper` runs (and reads) the committed `timebill` records, once even if named twice."""
+    from timebill.bench.methods import TimeBillMethod, method_registry, resolve_method_names
+
+    names = resolve_method_names(["vanilla", "timebill-paper", "timebill", "int4"])
+    assert names == ["vanilla", "timebill", "int4"]
+    assert isinstance(method_registry()[names[1]], TimeBillMethod)
+    BenchOptions(methods=names).validate()
+    with pytest.raises(Exception, match="unknown method"):
+        BenchOptions(methods=resolve_method_names(["timebill-papers"])).validate()

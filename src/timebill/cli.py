@@ -738,7 +738,12 @@ def bench(
     ] = None,
     methods: Annotated[
         list[str] | None,
-        typer.Option(help="Methods to run, comma-separated or repeated (default: all but timebill-kill/-guard)."),
+        typer.Option(
+            help=(
+                "Methods to run, comma-separated or repeated (default: all but timebill-kill/-guard; "
+                "timebill-paper is timebill, the paper's planner)."
+            )
+        ),
     ] = None,
     budgets: Annotated[
         list[str] | None, typer.Option(help="Time budgets, e.g. 4,6,8 or 4500ms (default: from vanilla's times).")
@@ -780,6 +785,7 @@ def bench(
         TimeBillMethod,
         method_registry,
         predictor_label,
+        resolve_method_names,
     )
     from timebill.bench.report import summary_lines, write_report
     from timebill.bench.runner import BenchOptions, run_benchmark, runs_predictor
@@ -790,7 +796,7 @@ def bench(
 
     try:
         part_of = parse_part(part) if part is not None else None
-        chosen = _split_list(methods)
+        chosen = resolve_method_names(_split_list(methods))
         if report_only and not chosen:  # report what is there, not every method the registry knows
             chosen = [m for m in method_registry() if (Path(out) / "runs" / f"{m}.jsonl").exists()]
         options = BenchOptions(

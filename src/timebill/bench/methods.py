@@ -28,7 +28,7 @@ import hashlib
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -382,6 +382,21 @@ def method_registry() -> dict[str, Method]:
     methods["timebill-kill"] = ExpectedScoreMethod("timebill-kill", policy="kill")
     methods["timebill-guard"] = ExpectedScoreMethod("timebill-guard", policy="guard")
     return methods
+
+
+#: Other names ``--methods`` accepts. Why: issue #30 names the paper-faithful planner ``timebill-paper`` beside
+#: the expected-score ``timebill-kill``/``-guard``, while its committed runs are filed as ``timebill``.
+METHOD_ALIASES = {"timebill-paper": "timebill"}
+
+
+def resolve_method_names(names: Sequence[str]) -> list[str]:
+    """``names`` with aliases replaced by the registry's names, first occurrence kept, order kept."""
+    out: list[str] = []
+    for name in names:
+        name = METHOD_ALIASES.get(name, name)
+        if name not in out:
+            out.append(name)
+    return out
 
 
 def k_sweep_method(k: int) -> TimeBillMethod:
