@@ -8,7 +8,8 @@ quality model fitted on the other. For each variant of the quality file —
 
 - ``as-fitted``: the file as `timebill calibrate` wrote it (per-kind factors shrunk toward the pooled ones);
 - ``pooled``: every kind reads the pooled factors (per-kind base scores and partial-answer curves kept);
-- ``flat``: every factor 1.0 (the planner maximises the chance of finishing, quality-blind) —
+- ``flat``: every factor 1.0 (the planner maximises the chance of finishing, quality-blind);
+- ``cautious``: each factor minus its standard error (a knob must be measurably good to be chosen) —
 
 it prints, per budget and direction (A→B: fit on A, replay B), the planner's score against the best fixed
 configuration in hindsight (Kill) and against vanilla with a cut-off and the strongest fixed configuration
@@ -28,7 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-VARIANTS = ("as-fitted", "pooled", "flat")
+VARIANTS = ("as-fitted", "pooled", "flat", "cautious")
 
 
 def variant(quality: dict, name: str) -> dict:
@@ -40,6 +41,9 @@ def variant(quality: dict, name: str) -> dict:
             kind["relative"] = dict(pooled)
         elif name == "flat":
             kind["relative"] = {k: 1.0 for k in kind["relative"]}
+        elif name == "cautious":
+            se = kind.get("relative_se", {})
+            kind["relative"] = {k: max(0.0, v - se.get(k, 0.0)) for k, v in kind["relative"].items()}
         elif name != "as-fitted":
             raise ValueError(name)
     return out
