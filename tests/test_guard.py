@@ -45,10 +45,11 @@ def test_the_engine_learns_from_its_steps_and_stops_by_the_learned_factor(engine
         engine.guard = GuardMargin()
         free = engine.generate("Write a long story about a dragon.", max_new_tokens=40, deadline_s=30.0)
         assert free.tokens_generated == 40 and len(engine.guard) >= 38  # every step but the first observed
-        # a host whose steps were measured jumping 1000x: no step can be trusted to end before a 30 s
-        # deadline, so the guard stops after the first token instead of decoding the 40 it just did
-        jumpy = GuardMargin(cap=2000.0, min_samples=1, refresh=1)
-        jumpy.observe(1000.0, 1.0)
+        # a host whose steps were measured jumping 10^7x: no step (a fast host's ~1 ms included: 10^4 s)
+        # can be trusted to end before a 30 s deadline, so the guard stops after the first token instead
+        # of decoding the 40 it just did. (1000x was not enough: on a fast CI host 1000 x 3 ms fits in 30 s.)
+        jumpy = GuardMargin(cap=1e8, min_samples=1, refresh=1)
+        jumpy.observe(1e7, 1.0)
         engine.guard = jumpy
         stopped = engine.generate("Write a long story about a dragon.", max_new_tokens=40, deadline_s=30.0)
         assert stopped.stop_reason == STOP_DEADLINE and stopped.tokens_generated == 1
