@@ -1,0 +1,82 @@
+"""Where does the planner's score go? Per kind: each fixed configuration's score vs the planner's choices.
+
+Why: a combined report says the planner trails the best fixed configuration in hindsight at some budget
+level, but not why. Its choices are recorded in every run (``configuration``), and each budget-independent
+configuration's no-deadline answer is a trace in the same folders, so the gap splits per kind into "what the
+planner picked" and "what that pick scores" against "what the best configuration scores" — from the runs
+themselves, no model loaded, nothing re-run.
+
+    python benchmarks/planner_breakdown.py docs/results/bench-v2/p00 ... docs/results/bench-v2/p15
+
+Prints (1) each fixed configuration's mean no-deadline score ×100 per kind over all the parts' tasks,
+(2) per budget level (the parts' k-th budget) and policy, the planner's configurations per kind with its
+Kill / guard score there. Scores use the benchmark's metrics (``timebill.bench.metrics``); a Kill job scores
+only when its answer ended by itself (EOS or N_max) by T, a guard job scores
+the text the engine returned (its guard stops decoding at T).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from timebill.bench.metrics import score
+from timebill.bench.suite import default_suite_path, read_suite
+
+FINISHED = ("eos", "max_tokens")
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("parts", nargs="+", type=Path)
+    ap.add_argument("--suite", type=Path, default=default_suite_path())
+    args = ap.parse_args(argv)
+    tasks = {t.id: t for t in read_suite(args.suite).tasks}
+    fixed: dict[str, dict[str, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+    planned: dict[tuple[int, str], list[dict]] = collections.defaultdict(list)
+    for part in args.parts:
+        manifest = json.loads((part / "manifest.json").read_text(encoding="utf-8"))
+        budgets = sorted(float(b) for b in manifest["budgets"])
+        for run in sorted((part / "runs").glob("*.jsonl")):
+            for r in _records(run):
+                task = tasks.get(r.get("task_id", ""))
+                if task is None:
+                    sys.exit(f"{run}: task {r.get('task_id')!r} is not in {args.suite}")
+                if run.stem.startswith("timebill-"):
+                    planned[(budgets.index(float(r["budget_s"])), run.stem.removeprefix("timebill-"))].append(r)
+                else:
+                    fixed[run.stem][task.kind].append(score(task.metric, r.get("text", ""), task.references))
+    kinds = sorted({k for per in fixed.values() for k in per})
+    print("no-deadline score x100 per kind (tasks)")
+    print(f"{'configuration':<16}" + "".join(f"{k:>12}" for k in kinds) + f"{'all':>8}")
+    for name, per in sorted(fixed.items(), key=lambda kv: -statistics.mean(s for v in kv[1].values() for s in v)):
+        cells = "".join(f"{100 * statistics.mean(per[k]):>7.1f} ({len(per[k])})" for k in kinds)
+        print(f"{name:<16}{cells}{100 * statistics.mean(s for v in per.values() for s in v):>8.1f}")
+    for (level, policy), recs in sorted(planned.items()):
+        print(f"\nlevel {level + 1} of {len(budgets)}, {policy}:")
+        for kind in kinds:
+            rs = [r for r in recs if tasks[r["task_id"]].kind == kind]
+            scores = []
+            for r in rs:
+                task = tasks[r["task_id"]]
+                if policy == "kill":
+                    done = r.get("stop_reason") in FINISHED and float(r["e2e_s"]) <= float(r["budget_s"])
+                    scores.append(score(task.metric, r.get("text", ""), task.references) if done else 0.0)
+                else:  # the engine's guard stopped the run at T: its text is the answer delivered by T
+                    scores.append(score(task.metric, r.get("text", ""), task.references))
+            picks = collections.Counter(r.get("configuration", r.get("stop_reason", "?")) for r in rs)
+            top = ", ".join(f"{c} {n}" for c, n in picks.most_common(4))
+            print(f"  {kind:<10} score {100 * statistics.mean(scores) if scores else float('nan'):5.1f}  picks: {top}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
