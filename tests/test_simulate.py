@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -76,10 +77,12 @@ def test_fixed_planners_reproduce_combined_parts_by_level() -> None:
             assert sim.evaluation.cells[("sim:fixed:int4", col.key, policy)] == ev.cells[("int4", col.key, policy)]
 
 
-def test_parts_with_and_without_recorded_planners_simulate_together() -> None:
-    """bench-v2 part 3 recorded the planner methods, part 4 only the budget-independent ones."""
+def test_parts_with_and_without_recorded_planners_simulate_together(tmp_path: Path) -> None:
+    """bench-v2 part 3 recorded the planner methods; a copy of part 4 keeps only the budget-independent ones."""
     v2 = ROOT / "bench-v2"
-    parts, scorer = load_traces([str(v2 / "p03"), str(v2 / "p04")])
+    p04 = tmp_path / "p04"
+    shutil.copytree(v2 / "p04", p04, ignore=shutil.ignore_patterns("timebill-*.jsonl"))
+    parts, scorer = load_traces([str(v2 / "p03"), str(p04)])
     assert {m.name for m in parts[0].methods} != {m.name for m in parts[1].methods}
     sim = simulate(parts, scorer, ["fixed:int4"])
     stripped = [replace(p, methods=[m for m in p.methods if not m.budgeted]) for p in parts]
