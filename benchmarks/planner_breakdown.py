@@ -24,10 +24,10 @@ import statistics
 import sys
 from pathlib import Path
 
+from timebill.bench.methods import finished_by
 from timebill.bench.metrics import score
+from timebill.bench.runner import load_manifest
 from timebill.bench.suite import default_suite_path, read_suite
-
-FINISHED = ("eos", "max_tokens")
 
 
 def _records(path: Path) -> list[dict]:
@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     fixed: dict[str, dict[str, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
     planned: dict[tuple[int, str], list[dict]] = collections.defaultdict(list)
     for part in args.parts:
-        manifest = json.loads((part / "manifest.json").read_text(encoding="utf-8"))
+        manifest = load_manifest(part)
+        if manifest is None:
+            sys.exit(f"{part}: not a `timebill bench` output directory (no manifest.json)")
         budgets = sorted(float(b) for b in manifest["budgets"])
         for run in sorted((part / "runs").glob("*.jsonl")):
             for r in _records(run):
@@ -64,14 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nlevel {level + 1} of {len(budgets)}, {policy}:")
         for kind in kinds:
             rs = [r for r in recs if tasks[r["task_id"]].kind == kind]
-            scores = []
-            for r in rs:
-                task = tasks[r["task_id"]]
-                if policy == "kill":
-                    done = r.get("stop_reason") in FINISHED and float(r["e2e_s"]) <= float(r["budget_s"])
-                    scores.append(score(task.metric, r.get("text", ""), task.references) if done else 0.0)
-                else:  # the engine's guard stopped the run at T: its text is the answer delivered by T
-                    scores.append(score(task.metric, r.get("text", ""), task.references))
+            # Kill scores only an answer that ended by itself by T; under guard the engine stopped the run at T,
+            # so its text is the answer delivered by T.
+            scores = [
+                score(tasks[r["task_id"]].metric, r.get("text", ""), tasks[r["task_id"]].references)
+                if policy != "kill" or finished_by(r, float(r["budget_s"]))
+                else 0.0
+                for r in rs
+            ]
             picks = collections.Counter(r.get("configuration", r.get("stop_reason", "?")) for r in rs)
             top = ", ".join(f"{c} {n}" for c, n in picks.most_common(4))
             print(f"  {kind:<10} score {100 * statistics.mean(scores) if scores else float('nan'):5.1f}  picks: {top}")
