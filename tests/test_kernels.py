@@ -12,11 +12,15 @@ from timebill.errors import InvalidInputError
 from timebill.kernels import (
     DecodeChoice,
     KernelChoice,
+    ThreadChoice,
     choose_kv,
     choose_prefill,
+    choose_threads,
     measure_kv_choice,
     measure_prefill_choice,
+    measure_thread_choice,
     prefill_model,
+    thread_candidates,
 )
 
 
@@ -173,3 +177,59 @@ def test_the_kv_choice_is_cached_per_weights_mode_and_really_used(
         Engine(engine.model, engine.tokenizer, engine.source, engine.threads, kv_cache="bfloat16")
     with pytest.raises(InvalidInputError, match="kv_cache must be one of"):
         Engine(engine.model, engine.tokenizer, engine.source, engine.threads, weights="int8", kv_cache="fp8")
+
+
+# ------------------------------------------------------------------------------------- thread count
+def _thread_timer(times: dict[int, float], seen: list[int]):
+    def timer(model, threads: int, tokens: int, repeats: int) -> float:
+        seen.append(threads)
+        torch.set_num_threads(threads)  # as the real timer does: the choice must restore it
+        return times[threads]
+
+    return timer
+
+
+def test_thread_candidates_are_all_cpus_and_half() -> None:
+    assert thread_candidates(16) == (16, 8)
+    assert thread_candidates(2) == (2, 1)
+    assert thread_candidates(1) == (1,)
+
+
+def test_fewer_threads_win_only_by_a_clear_margin_and_torch_threads_are_restored(engine: Engine) -> None:
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    smt = measure_thread_choice(engine.model, (8, 4), timer=_thread_timer({8: 0.30, 4: 0.20}, seen))
+    assert smt.threads == 4 and "1.50x" in smt.reason
+    assert seen == [8, 4, 8, 4]  # interleaved rounds: drift hits both alike
+    assert torch.get_num_threads() == before
+    close = measure_thread_choice(engine.model, (8, 4), timer=_thread_timer({8: 0.30, 4: 0.29}, []))
+    assert close.threads == 8  # within noise: keep every CPU
+    slower = measure_thread_choice(engine.model, (8, 4), timer=_thread_timer({8: 0.10, 4: 0.20}, []))
+    assert slower.threads == 8 and slower.timings_ms == {"8": pytest.approx(100.0), "4": pytest.approx(200.0)}
+    with pytest.raises(ValueError):
+        ThreadChoice.from_dict({**slower.to_dict(), "threads": 0})
+
+
+def test_load_without_threads_measures_caches_and_uses_the_thread_count(
+    engine: Engine, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TIMEBILL_CACHE_DIR", str(tmp_path))
+    first = choose_threads(engine.model, "fp-threads")
+    assert first.threads in thread_candidates()
+    assert set(first.timings_ms) == {str(n) for n in thread_candidates()}  # every candidate really ran
+    files = list((tmp_path / "kernels").glob("threads-*.json"))
+    assert len(files) == 1 and ThreadChoice.from_dict(json.loads(files[0].read_text())) == first
+    files[0].write_text("[]")  # corrupt: measured again and rewritten, never trusted
+    again = choose_threads(engine.model, "fp-threads")
+    assert ThreadChoice.from_dict(json.loads(files[0].read_text())) == again
+
+    before = torch.get_num_threads()
+    try:
+        loaded = Engine.load(threads=None, warmup=False)
+        assert loaded.thread_choice is not None and loaded.threads == loaded.thread_choice.threads
+        assert torch.get_num_threads() == loaded.threads
+        assert f"threads {loaded.threads} (measured here" in loaded.kernels_summary()
+    finally:
+        torch.set_num_threads(before)
+    fixed = Engine(engine.model, engine.tokenizer, engine.source, 1)
+    assert fixed.thread_choice is None  # a caller's count is never second-guessed

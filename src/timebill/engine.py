@@ -28,8 +28,11 @@ from timebill.kernels import (
     PREFILL_CHOICES,
     DecodeChoice,
     KernelChoice,
+    ThreadChoice,
+    available_cpus,
     choose_kv,
     choose_prefill,
+    choose_threads,
     cpu_capability,
     prefill_model,
 )
@@ -268,6 +271,7 @@ class Engine:
                 self.fast_fallback_reason = str(exc)
                 logger.warning("fast decode path unavailable (%s); decoding through the HF model", exc)
         self.kernel_choice: KernelChoice | None = None
+        self.thread_choice: ThreadChoice | None = None  # set by ``load`` where it measured the thread count
         self.prefill_dtype = self._resolve_prefill(prefill)
         self.prefill_model = prefill_model(model, self.prefill_dtype)
         self.kv_choice: DecodeChoice | None = None
@@ -338,7 +342,8 @@ class Engine:
         kv = str(self.fast.kv_dtype).removeprefix("torch.") if self.fast is not None else "HF cache"
         return (
             f"kernels: weights {self.weights} ({self.decode_path}), prefill {self.prefill_dtype} "
-            f"({how(self.kernel_choice)}), KV cache {kv} ({how(self.kv_choice)}); CPU: {cpu_capability()}"
+            f"({how(self.kernel_choice)}), KV cache {kv} ({how(self.kv_choice)}), threads {self.threads} "
+            f"({how(self.thread_choice)}); CPU: {cpu_capability()}"
         )
 
     @property
@@ -364,14 +369,22 @@ class Engine:
         The warm-up (one short prefill and a few decode steps) pays one-off allocation costs now,
         so no request pays them inside its time budget, and seeds the deadline guard's step time.
         """
-        threads = int(threads) if threads else (os.cpu_count() or 1)
-        if threads < 1:
+        if threads is not None and int(threads) < 1:
             raise InvalidInputError(f"threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
+        torch.set_num_threads(int(threads) if threads else available_cpus())
         source = resolve_model(model)
         hf_model, tokenizer = load_model_and_tokenizer(source)
         if device is not None and torch.device(device).type != "cpu":
             hf_model = hf_model.to(device)
+        thread_choice: ThreadChoice | None = None
+        if threads:
+            threads = int(threads)
+        elif hf_model.device.type == "cpu":  # not fixed by the caller: measured once per host and cached
+            thread_choice = choose_threads(hf_model, source.fingerprint)
+            threads = thread_choice.threads
+        else:
+            threads = available_cpus()
+        torch.set_num_threads(threads)
         engine = cls(
             hf_model,
             tokenizer,
@@ -382,6 +395,7 @@ class Engine:
             prefill=prefill,
             kv_cache=kv_cache,
         )
+        engine.thread_choice = thread_choice
         if warmup:
             engine.warmup()
         return engine

@@ -15,6 +15,15 @@ quality cost is measured on the benchmark suite by ``benchmarks/prefill_quality.
 
 A candidate that cannot run here (no bf16 support compiled in, an op missing) is skipped with its
 reason recorded; the safe default is fp32.
+
+Not a candidate, measured: an int8 (VNNI) prefill through PyTorch's dynamic quantisation. On the family-26
+EPYC it ran only 1.04-1.25x faster than the bf16 prefill while moving the last-token logits to a cosine of
+0.84-0.99 against fp32's (bf16: >= 0.9998), and changed the greedy next token in 3 of 6 cases
+(``benchmarks/int8_prefill_cost.py``; ``docs/results/int8_prefill_cost*.txt``): its per-tensor
+activation scale does not keep the quantised modes' quality.
+
+The thread count is chosen the same way where the caller does not fix it (``Engine.load(threads=None)``):
+all available CPUs, unless half of them (SMT siblings share a core's matmul units) prefill clearly faster.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 import weakref
 from collections.abc import Callable
@@ -308,3 +318,109 @@ def choose_kv(decoder: Any, model_fingerprint: str, threads: int) -> DecodeChoic
         return choice
 
     return _cached_choice("decode", (model_fingerprint, decoder.weights, str(threads)), DecodeChoice.from_dict, measure)
+
+
+# ------------------------------------------------------------------------------------- thread count
+THREAD_PROBE_TOKENS = 128
+
+
+@dataclass(frozen=True)
+class ThreadChoice:
+    """The chosen torch intra-op thread count, with each candidate's measured prefill time.
+
+    Why measured: on a host with SMT, two threads on one core share its vector units, and a compute-bound
+    prefill can run as fast (or faster, with less contention) on one thread per core; on a plain vCPU
+    machine every thread is a core. Which holds is a property of the host, so it is timed, not assumed.
+    """
+
+    threads: int
+    timings_ms: dict[str, float] = field(default_factory=dict)  # str(thread count) -> best prefill time
+    probe_tokens: int = THREAD_PROBE_TOKENS
+    host: str = ""
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": CHOICE_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ThreadChoice:
+        if not isinstance(data, dict) or data.get("version") != CHOICE_VERSION:
+            raise ValueError("not a kernel choice of this version")
+        threads = data.get("threads")
+        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+            raise ValueError(f"bad thread count {threads!r}")
+        return cls(
+            threads=threads,
+            timings_ms={str(k): float(v) for k, v in dict(data.get("timings_ms", {})).items()},
+            probe_tokens=int(data.get("probe_tokens", THREAD_PROBE_TOKENS)),
+            host=str(data.get("host", "")),
+            reason=str(data.get("reason", "")),
+        )
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which containers and ``taskset`` narrow)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def thread_candidates(available: int | None = None) -> tuple[int, ...]:
+    """All available CPUs, and half of them (one thread per core where SMT pairs them), largest first."""
+    n = available_cpus() if available is None else max(1, int(available))
+    return tuple(sorted({n, max(1, n // 2)}, reverse=True))
+
+
+def _time_prefill_at(model: Any, threads: int, tokens: int, repeats: int) -> float:
+    torch.set_num_threads(threads)
+    return _time_prefill(model, tokens, repeats)
+
+
+def measure_thread_choice(
+    model: Any,
+    candidates: tuple[int, ...] | None = None,
+    tokens: int = THREAD_PROBE_TOKENS,
+    repeats: int = 2,
+    rounds: int = 2,
+    timer: Callable[[Any, int, int, int], float] = _time_prefill_at,
+) -> ThreadChoice:
+    """Time an fp32 prefill at each candidate thread count (interleaved ``rounds`` times, so drift hits all
+    alike) and keep the most threads unless fewer are faster by ``MIN_GAIN``. torch's setting is restored."""
+    from timebill.estimator.store import host_fingerprint
+
+    candidates = tuple(sorted(set(candidates or thread_candidates()), reverse=True))
+    if not candidates or min(candidates) < 1:
+        raise ValueError(f"thread candidates must be >= 1, got {candidates}")
+    tokens = min(tokens, int(getattr(model.config, "max_position_embeddings", tokens)) - 1)
+    before = torch.get_num_threads()
+    best = dict.fromkeys(candidates, math.inf)
+    try:
+        for _ in range(rounds):
+            for n in candidates:
+                best[n] = min(best[n], timer(model, n, tokens, repeats))
+    finally:
+        torch.set_num_threads(before)
+    most = candidates[0]
+    chosen, reason = most, "all available CPUs"
+    fastest = min(best, key=best.__getitem__)
+    if fastest != most and best[fastest] * MIN_GAIN <= best[most]:
+        chosen = fastest
+        reason = f"{fastest} threads prefill {best[most] / best[fastest]:.2f}x faster than {most} here"
+    elif len(candidates) > 1:
+        reason = f"all {most} available CPUs (fewer threads were not 10 % faster)"
+    timings = {str(n): 1e3 * t for n, t in best.items()}
+    return ThreadChoice(chosen, timings, tokens, host_fingerprint(), reason)
+
+
+def choose_threads(model: Any, model_fingerprint: str) -> ThreadChoice:
+    """The cached thread-count choice for this host/model/torch and CPU set, or a fresh measurement."""
+    candidates = thread_candidates()
+
+    def measure() -> ThreadChoice:
+        choice = measure_thread_choice(model, candidates)
+        logger.info("thread count choice here: %d (%s) %s", choice.threads, choice.reason, choice.timings_ms)
+        return choice
+
+    key = (model_fingerprint, ",".join(map(str, candidates)))
+    return _cached_choice("threads", key, ThreadChoice.from_dict, measure)
