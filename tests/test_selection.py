@@ -229,3 +229,19 @@ def test_bad_inputs_are_clear_errors() -> None:
     with pytest.raises(InvalidInputError, match="at least one candidate"):
         choose([], n_prompt=1, budget_s=1.0, length=length)
     assert Knobs("int4", 0.5, 0.75).label == "int4+rho0.5+a0.75"
+
+
+def test_a_prefill_that_may_overrun_is_not_chosen_while_a_safe_one_exists() -> None:
+    spread = TimeError((0.9, 1.0, 1.2))
+    length = LengthDistribution.point(5)
+    big = Candidate(Knobs("fp32"), LinearTime(per_token=0.0, c=0.9, q=0.01), quality=1.0)  # first token 0.9 s
+    small = Candidate(Knobs("int4"), LinearTime(per_token=0.0, c=0.3, q=0.01), quality=0.5)
+    kw = dict(n_prompt=1, budget_s=1.0, length=length, policy="guard", time_error=spread)
+    unguarded = choose([big, small], first_token_guard=False, **kw)
+    assert unguarded.best is not None and unguarded.best.knobs.weights == "fp32"  # 2/3 × 1.0 > 0.5
+    assert not unguarded.best.first_token_safe  # at 1.2 × its prefill ends at 1.08 s > T
+    guarded = choose([big, small], **kw)
+    assert guarded.best is not None and guarded.best.knobs.weights == "int4" and guarded.best.first_token_safe
+    assert guarded.ranked[1].knobs.weights == "fp32" and guarded.ranked[1].to_dict()["first_token_safe"] is False
+    alone = choose([big], **kw)  # nothing safe: the best expected score is still the answer
+    assert alone.best is not None and alone.best.knobs.weights == "fp32"
