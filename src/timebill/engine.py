@@ -21,6 +21,7 @@ import torch
 from transformers import DynamicCache
 
 from timebill.errors import InvalidInputError, PromptTooLongError
+from timebill.estimator.store import usable_cpus
 from timebill.fastpath import WEIGHT_MODES, FastDecoder, FastPathUnsupported, StaticKVCache
 from timebill.guard import GuardMargin
 from timebill.kernels import (
@@ -29,7 +30,6 @@ from timebill.kernels import (
     DecodeChoice,
     KernelChoice,
     ThreadChoice,
-    available_cpus,
     choose_kv,
     choose_prefill,
     choose_threads,
@@ -369,21 +369,16 @@ class Engine:
         The warm-up (one short prefill and a few decode steps) pays one-off allocation costs now,
         so no request pays them inside its time budget, and seeds the deadline guard's step time.
         """
-        if threads is not None and int(threads) < 1:
+        fixed = int(threads) if threads else None  # None (or 0): measured below, once per host
+        if fixed is not None and fixed < 1:
             raise InvalidInputError(f"threads must be >= 1, got {threads}")
-        torch.set_num_threads(int(threads) if threads else available_cpus())
+        torch.set_num_threads(fixed or usable_cpus())  # the load itself runs on every CPU
         source = resolve_model(model)
         hf_model, tokenizer = load_model_and_tokenizer(source)
         if device is not None and torch.device(device).type != "cpu":
             hf_model = hf_model.to(device)
-        thread_choice: ThreadChoice | None = None
-        if threads:
-            threads = int(threads)
-        elif hf_model.device.type == "cpu":  # not fixed by the caller: measured once per host and cached
-            thread_choice = choose_threads(hf_model, source.fingerprint)
-            threads = thread_choice.threads
-        else:
-            threads = available_cpus()
+        thread_choice = None if fixed or hf_model.device.type != "cpu" else choose_threads(hf_model, source.fingerprint)
+        threads = fixed or (thread_choice.threads if thread_choice is not None else usable_cpus())
         torch.set_num_threads(threads)
         engine = cls(
             hf_model,

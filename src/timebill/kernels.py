@@ -32,7 +32,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 import weakref
 from collections.abc import Callable
@@ -190,7 +189,7 @@ def _cached_choice(
     if path.is_file():
         try:
             return parse(json.loads(path.read_text()))
-        except (ValueError, OSError) as exc:
+        except (ValueError, TypeError, KeyError, OSError) as exc:  # wrong-typed fields included
             logger.warning("ignoring unreadable kernel choice %s (%s); measuring again", path, exc)
     choice = measure()
     try:
@@ -358,17 +357,11 @@ class ThreadChoice:
         )
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, which containers and ``taskset`` narrow)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-
-
 def thread_candidates(available: int | None = None) -> tuple[int, ...]:
     """All available CPUs, and half of them (one thread per core where SMT pairs them), largest first."""
-    n = available_cpus() if available is None else max(1, int(available))
+    from timebill.estimator.store import usable_cpus
+
+    n = max(1, usable_cpus() if available is None else int(available))
     return tuple(sorted({n, max(1, n // 2)}, reverse=True))
 
 

@@ -402,10 +402,7 @@ def evaluate(
         expected_score=score_total / k,
         tokens_by_deadline=tokens_by(candidate.time, n_prompt, n_max, budget_s, ratio=median_ratio, spent_s=spent_s),
         first_token_s=candidate.time.first_token_s(n_prompt),
-        first_token_safe=tokens_by(
-            candidate.time, n_prompt, n_max, budget_s, ratio=max(time_error.ratios), spent_s=spent_s
-        )
-        >= 1,
+        first_token_safe=spent_s + max(time_error.ratios) * candidate.time.first_token_s(n_prompt) <= budget_s,
     )
 
 

@@ -94,7 +94,8 @@ def cpu_signature(cpuinfo: str | None = None) -> str:
     return f"{name} ({', '.join(numbers)})" if numbers else name
 
 
-def _usable_cpus() -> int:
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which containers and ``taskset`` narrow)."""
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -122,7 +123,7 @@ def host_fingerprint() -> str:
     start, which would invalidate a profile measured on identical hardware. Cores are the ones this
     process may run on (the cpuset), since that is what a container actually gets.
     """
-    return f"cpu={cpu_signature()};cores={_usable_cpus()};ram_gib={_total_ram_gib()}"
+    return f"cpu={cpu_signature()};cores={usable_cpus()};ram_gib={_total_ram_gib()}"
 
 
 def device_string(device: str = "cpu") -> str:
