@@ -1,52 +1,112 @@
-"""Design the quality model without touching the evaluation suite: fit on one calibration suite, plan on the other.
+"""Design the quality model without touching the evaluation suite: fit on some calibration suites, plan on another.
 
-Why: the expected-score planner's choices are only as good as its quality factors, and two calibration
-suites of 24 tasks disagree about them (`benchmarks/quality_agreement.py`). Comparing ways of *using* the
+Why: the expected-score planner's choices are only as good as its quality factors, and calibration suites
+of 24 tasks disagree about them (`benchmarks/quality_agreement.py`). Comparing ways of *using* the
 factors on the evaluation traces would tune the planner on what it is scored on; the calibration suites
 are `timebill bench` folders with no-deadline traces too, so the simulator can replay one of them with a
-quality model fitted on the other. For each variant of the quality file —
+quality model fitted on the others. With ``--suite S --runs R`` given three or more times this is
+leave-one-suite-out: each suite is replayed with the model `timebill calibrate --fit-only` fits on all the
+others (and, for ``consensus``, on each of the others alone). For each variant of the quality file —
 
-- ``as-fitted``: the file as `timebill calibrate` wrote it (per-kind factors shrunk toward the pooled ones);
+- ``as-fitted``: the file as `timebill calibrate` wrote it (per-kind factors shrunk toward the pooled ones,
+  adjusted per prompt-length bucket);
+- ``kind-only``: the same without the prompt-length adjustment (the planner before it);
+- ``length-only``: every kind reads the pooled factors, adjusted per prompt-length bucket;
 - ``pooled``: every kind reads the pooled factors (per-kind base scores and partial-answer curves kept);
 - ``flat``: every factor 1.0 (the planner maximises the chance of finishing, quality-blind);
-- ``cautious``: each factor minus its standard error (a knob must be measurably good to be chosen) —
+- ``cautious``: each factor minus its standard error (a knob must be measurably good to be chosen);
+- ``consensus``: a factor moves away from 1 only as far as *every* fitting suite alone moved it the same
+  way (the one nearest 1; 1 where two suites disagree on the direction) — a knob must help in every
+  replication to be believed;
+- ``shrunk``: the pooled factors shrunk toward 1 by empirical Bayes, ``1 + (r − 1)·τ²/(τ² + se²)`` with the
+  spread τ² of the true factors estimated from all knobs but α = 0.95 (their variance less the mean se²);
+  every kind reads them —
 
-it prints, per budget and direction (A→B: fit on A, replay B), the planner's score against the best fixed
-configuration in hindsight (Kill) and against vanilla with a cut-off and the strongest fixed configuration
-(guard), as `timebill bench-simulate` computes them.
+(every variant but ``as-fitted`` and ``length-only`` drops the prompt-length adjustment)
 
-    python benchmarks/quality_crossfit.py --fit-a docs/results/calibration-split/quality-v1-only.json \
-        --runs-a docs/results/calibration-v1 --fit-b docs/results/calibration-split/quality-v2-only.json \
-        --runs-b docs/results/calibration-v2
+it prints, per budget and held-out suite, the planner's score against the best fixed configuration in
+hindsight (Kill) and against vanilla with a cut-off and the strongest fixed configuration (guard), as
+`timebill bench-simulate` computes them, and the means over all held-out suites.
+
+    python benchmarks/quality_crossfit.py --suite benchmarks/suites/calibration-v1.jsonl \
+        --runs docs/results/calibration-v1 --suite benchmarks/suites/calibration-v2.jsonl \
+        --runs docs/results/calibration-v2 --suite benchmarks/suites/calibration-v3.jsonl \
+        --runs docs/results/calibration-v3
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-VARIANTS = ("as-fitted", "pooled", "flat", "cautious")
+VARIANTS = ("as-fitted", "kind-only", "length-only", "pooled", "flat", "cautious", "consensus", "shrunk")
+LARGE_KNOWN = "alpha:0.95"  # the one effect every suite agrees on: kept out of the spread estimate
 
 
-def variant(quality: dict, name: str) -> dict:
+def consensus_factor(values: list[float]) -> float:
+    """The value nearest 1 if all lie on the same side of 1, else 1 (the suites disagree on the direction)."""
+    if all(v >= 1 for v in values) or all(v <= 1 for v in values):
+        return min(values, key=lambda v: abs(v - 1))
+    return 1.0
+
+
+def shrunk_factors(pooled: dict[str, float], se: dict[str, float | None]) -> dict[str, float]:
+    """Empirical-Bayes shrinkage of the pooled factors toward 1 (see the module docstring)."""
+    known = [(r, s) for k, r in pooled.items() if k != LARGE_KNOWN and (s := se.get(k)) is not None]
+    if len(known) < 3:
+        return dict(pooled)
+    spread = statistics.pvariance([r - 1 for r, _ in known], mu=0.0)
+    tau2 = max(0.0, spread - statistics.fmean(s * s for _, s in known))
+    out = {}
+    for k, r in pooled.items():
+        s = se.get(k)
+        out[k] = r if s is None or tau2 + s * s == 0 else 1 + (r - 1) * tau2 / (tau2 + s * s)
+    return out
+
+
+def variant(quality: dict, name: str, singles: list[dict] | None = None) -> dict:
     """``quality`` (a parsed quality file) with its per-kind factors replaced as ``name`` says."""
     out = json.loads(json.dumps(quality))
     pooled = out["kinds"]["all"]["relative"]
-    for kind in out["kinds"].values():
-        if name == "pooled":
+    shrunk = shrunk_factors(pooled, out["kinds"]["all"].get("relative_se", {})) if name == "shrunk" else {}
+    if name not in ("as-fitted", "length-only"):
+        out.pop("prompt_buckets", None)
+    for kind_name, kind in out["kinds"].items():
+        if name in ("as-fitted", "kind-only"):
+            continue
+        if name in ("pooled", "length-only"):
             kind["relative"] = dict(pooled)
         elif name == "flat":
             kind["relative"] = {k: 1.0 for k in kind["relative"]}
         elif name == "cautious":
             se = kind.get("relative_se", {})
-            kind["relative"] = {k: max(0.0, v - se.get(k, 0.0)) for k, v in kind["relative"].items()}
-        elif name != "as-fitted":
+            kind["relative"] = {k: max(0.0, v - (se.get(k) or 0.0)) for k, v in kind["relative"].items()}
+        elif name == "consensus":
+            if not singles or len(singles) < 2:
+                raise ValueError("consensus needs at least two single-suite fits")
+            kind["relative"] = {
+                k: consensus_factor([s["kinds"][kind_name]["relative"].get(k, v) for s in singles])
+                for k, v in kind["relative"].items()
+            }
+        elif name == "shrunk":
+            kind["relative"] = dict(shrunk)
+        else:
             raise ValueError(name)
     return out
+
+
+def fit(pairs: list[tuple[str, str]], out: Path) -> dict:
+    """`timebill calibrate --fit-only` on these (suite, runs) pairs, parsed."""
+    cmd = [sys.executable, "-m", "timebill.cli", "calibrate", "--fit-only", "--out", str(out)]
+    for suite, runs in pairs:
+        cmd += ["--suite", suite, "--runs", runs]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())
 
 
 def simulate(runs: str, quality_path: Path, out: Path) -> dict:
@@ -58,7 +118,7 @@ def simulate(runs: str, quality_path: Path, out: Path) -> dict:
     return json.loads((out / "simulated.json").read_text())
 
 
-def ratios(sim: dict) -> list[tuple[float, float, float, float]]:
+def ratios(sim: dict) -> list[tuple[float, float, float, str]]:
     """Per column: Kill planner / best fixed, guard planner / vanilla, guard planner / best other fixed."""
     cells = {(c["method"], c["column"], c["policy"]): c["avg_score"] for c in sim["cells"]}
     fixed = sim["recorded"]
@@ -75,32 +135,47 @@ def ratios(sim: dict) -> list[tuple[float, float, float, float]]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--fit-a", required=True)
-    ap.add_argument("--runs-a", required=True)
-    ap.add_argument("--fit-b", required=True)
-    ap.add_argument("--runs-b", required=True)
+    ap.add_argument("--suite", action="append", required=True, help="A calibration suite (repeat, with --runs).")
+    ap.add_argument("--runs", action="append", required=True, help="Its `timebill calibrate` runs folder.")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
     args = ap.parse_args(argv)
-    fits = {"A": json.loads(Path(args.fit_a).read_text()), "B": json.loads(Path(args.fit_b).read_text())}
-    directions = (("A→B", "A", args.runs_b), ("B→A", "B", args.runs_a))
+    if len(args.suite) != len(args.runs) or len(args.suite) < 2:
+        sys.exit("give --suite and --runs in pairs, at least two of each")
+    pairs = list(zip(args.suite, args.runs, strict=True))
+    names = [n for n in args.variants.split(",") if n]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        sys.exit(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
     print("ratio = planner / comparator; Kill vs best fixed in hindsight, guard vs vanilla cut off | vs best other")
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in VARIANTS:
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        singles_all = [fit([p], tmp / f"single-{i}.json") for i, p in enumerate(pairs)]
+        folds = []
+        for i, (suite, runs) in enumerate(pairs):
+            others = [p for j, p in enumerate(pairs) if j != i]
+            fitted = fit(others, tmp / f"fit-without-{i}.json")
+            singles = [s for j, s in enumerate(singles_all) if j != i]
+            folds.append((Path(suite).stem, runs, fitted, singles))
+        for name in names:
             kills: list[float] = []
             guards: list[float] = []
-            for label, fit, runs in directions:
-                qpath = Path(tmp) / f"{name}-{fit}.json"
-                qpath.write_text(json.dumps(variant(fits[fit], name)))
-                rows = ratios(simulate(runs, qpath, Path(tmp) / f"sim-{name}-{fit}"))
+            for label, runs, fitted, singles in folds:
+                if name == "consensus" and len(singles) < 2:
+                    continue
+                qpath = tmp / f"{name}-{label}.json"
+                qpath.write_text(json.dumps(variant(fitted, name, singles)))
+                rows = ratios(simulate(runs, qpath, tmp / f"sim-{name}-{label}"))
                 kill = " ".join(f"{r[0]:.2f}" for r in rows)
                 guard = " ".join(f"{r[1]:.2f}|{r[2]:.2f}" for r in rows)
-                print(f"{name:10} {label}  Kill {kill}   guard {guard}")
+                print(f"{name:10} replay {label:16} Kill {kill}   guard {guard}")
                 kills += [r[0] for r in rows[:4]]
                 guards += [r[2] for r in rows]
-            print(
-                f"{name:10} mean over both directions: Kill / best fixed at the four tightest budgets "
-                f"{sum(kills) / len(kills):.3f}, guard / best other fixed at every budget "
-                f"{sum(guards) / len(guards):.3f}"
-            )
+            if kills:
+                print(
+                    f"{name:10} mean over the held-out suites: Kill / best fixed at the four tightest budgets "
+                    f"{statistics.fmean(kills):.3f}, guard / best other fixed at every budget "
+                    f"{statistics.fmean(guards):.3f}"
+                )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,10 +24,11 @@ from timebill.quality import (
     save_quality,
     shrink_toward_pooled,
 )
+from timebill.selection import LengthDistribution
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_SUITE = ROOT / "benchmarks" / "suites" / "longbench-style-v1.jsonl"
-CALIBRATION_SUITES = [ROOT / "benchmarks" / "suites" / f"calibration-v{i}.jsonl" for i in (1, 2)]
+CALIBRATION_SUITES = [ROOT / "benchmarks" / "suites" / f"calibration-v{i}.jsonl" for i in (1, 2, 3)]
 
 WORDS = {1: "amber", 2: "anchor", 3: "brave", 4: "badger", 5: "foo", 6: "the", 7: "cat", 8: "sat"}
 
@@ -82,6 +84,33 @@ def test_fit_relative_factors_are_ratios_of_mean_scores_over_shared_tasks(fitted
     assert retrieval.lengths == [2, 2] and chat.lengths == [3] and sorted(pooled.lengths) == [2, 2, 3]
     assert fitted.model_fingerprint == "fp123" and fitted.suites[0]["name"] == "tiny-calibration"
     assert fitted.suites[0]["tasks"] == 3
+
+
+def test_fit_flags_answers_cut_at_their_limit_and_the_prior_treats_them_as_censored(tmp_path: Path) -> None:
+    runs = _write_runs(tmp_path, {"vanilla": {"r1": [1, 2], "r2": [3, 5], "c1": [6, 7, 8]}})
+    records = (runs / "runs" / "vanilla.jsonl").read_text().splitlines()
+    reasons = {"r1": "eos", "r2": "max_tokens"}  # c1 has no stop reason: cut if it reached max_new_tokens (3)
+    rows = [json.loads(line) for line in records]
+    for row in rows:
+        if row["task_id"] in reasons:
+            row["stop_reason"] = reasons[row["task_id"]]
+        else:
+            row["max_new_tokens"] = 3
+    (runs / "runs" / "vanilla.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    q = fit_quality(runs, _suite(tmp_path), decode, "tiny-model", "fp123", command="test")
+    assert q.kinds["retrieval"].lengths_censored == [False, True] and q.kinds["chat"].lengths_censored == [True]
+    assert q.length_prior("retrieval") == [(2, False), (2, True)]
+    # r2 was cut at 2 tokens: a request allowed 8 finishes by 2 tokens only with r1's half, not with both
+    assert q.length_distribution("retrieval", 8).cdf(2) == pytest.approx(0.5)
+    assert q.length_distribution("chat", 8) == LengthDistribution.point(8)
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps(q.to_dict()))
+    assert load_quality(path).kinds["retrieval"].lengths_censored == [False, True]  # survives the file
+    data = q.to_dict()
+    del data["kinds"]["chat"]["lengths_censored"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(QualityError, match="malformed"):
+        load_quality(path)
 
 
 def test_fit_partial_curve_scores_vanilla_cut_to_ceil_f_len_tokens(fitted: QualityModel) -> None:
@@ -155,7 +184,7 @@ def test_save_load_round_trip_is_atomic(fitted: QualityModel, tmp_path: Path) ->
     again = load_quality(path, model_fingerprint="fp123")
     assert again.to_dict() == fitted.to_dict()
     data = json.loads(path.read_text())
-    assert data["format"] == "timebill-quality" and data["format_version"] == 3
+    assert data["format"] == "timebill-quality" and data["format_version"] == 4
     assert set(data["kinds"]) == {"retrieval", "chat", "all"}
 
 
@@ -205,7 +234,7 @@ def _hand_model() -> QualityModel:
     return QualityModel(
         "m",
         "f",
-        {"name": "s", "sha256": "0"},
+        [{"name": "s", "sha256": "0"}],
         {
             "code": kind(0.5, {"weights:int8": 0.9, "alpha:0.5": 0.8, "alpha:0.75": 0.6}),
             "all": kind(0.4, {"weights:int8": 0.95, "rho:0.5": 0.7, "alpha:0.5": 0.9}),
@@ -229,12 +258,60 @@ def test_score_is_base_times_one_factor_per_knob() -> None:
         q.score("code", "fp32", 1.0, 0)
 
 
+def test_prompt_length_buckets_adjust_the_kind_factor_by_the_bucket_over_the_pooled_one(tmp_path: Path) -> None:
+    hand = _hand_model()
+    short = KindQuality(
+        2, 0.4, {"weights:int8": 0.95 * 1.2, "rho:0.5": 0.7 * 0.5}, [(1.0, 1.0)], [10], lengths_censored=[False]
+    )
+    long = KindQuality(
+        2, 0.4, {"weights:int8": 0.95, "rho:0.5": 0.7 * 1.5}, [(1.0, 1.0)], [10], lengths_censored=[False]
+    )
+    q = replace(hand, prompt_edges=(2048,), prompt_buckets=(short, long))
+    assert q.prompt_bucket(2047) == 0 and q.prompt_bucket(2048) == 1
+    assert q.score("code", "int8", 0, 0, n_prompt=100) == pytest.approx(0.5 * 0.9 * 1.2)
+    assert q.score("code", "int8", 0, 0, n_prompt=5000) == pytest.approx(0.5 * 0.9)
+    assert q.score("code", "fp32", 0.5, 0, n_prompt=5000) == pytest.approx(0.5 * 0.7 * 1.5)  # ρ from "all"
+    assert q.score("code", "int8", 0, 0) == pytest.approx(0.5 * 0.9)  # no prompt length: no adjustment
+    assert hand.score("code", "int8", 0, 0, n_prompt=100) == pytest.approx(0.5 * 0.9)  # no buckets: none
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps({**q.to_dict(), "format_version": 4}))
+    assert load_quality(path).score("code", "int8", 0, 0, n_prompt=100) == pytest.approx(0.5 * 0.9 * 1.2)
+    data = q.to_dict()
+    data["prompt_buckets"]["edges"] = [2048, 4096]  # three edges' worth of buckets expected, two given
+    path.write_text(json.dumps(data))
+    with pytest.raises(QualityError, match="prompt buckets"):
+        load_quality(path)
+
+
+def test_fit_buckets_tasks_by_the_vanilla_runs_prompt_length(tmp_path: Path) -> None:
+    runs = _write_runs(
+        tmp_path,
+        {"vanilla": {"r1": [1, 2], "r2": [3, 5], "c1": [6, 7, 8]}, "int8": {"r1": [1, 2], "r2": [5], "c1": [6]}},
+    )
+    lengths = {"r1": 3000, "r2": 100, "c1": 5000}  # the model's own counts, as the run records them
+    for method in ("vanilla", "int8"):
+        path = runs / "runs" / f"{method}.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        path.write_text("".join(json.dumps({**r, "prompt_tokens": lengths[r["task_id"]]}) + "\n" for r in rows))
+    q = fit_quality(runs, _suite(tmp_path), decode, "tiny-model", "fp123", command="test")
+    short, long = q.prompt_buckets
+    assert q.prompt_edges == (2048,) and (short.n, long.n) == (1, 2)
+    assert short.relative_raw["weights:int8"] == pytest.approx(0.0 / 0.5)  # r2: F1 0 against vanilla's 0.5
+    assert long.relative_raw["weights:int8"] == pytest.approx((1 + 2 / 7) / (1 + 2 / 3))  # r1 1 vs 1, c1 2/7 vs 2/3
+    # r2 alone has no standard error: its bucket reads the pooled factor (no adjustment), as a kind would
+    assert short.relative["weights:int8"] == pytest.approx(q.kinds["all"].relative["weights:int8"])
+    one_bucket = fit_quality(
+        _write_runs(tmp_path / "b", {"vanilla": {"r1": [1, 2]}}), _suite(tmp_path), decode, "m", "f"
+    )
+    assert one_bucket.prompt_buckets == ()  # every task in one bucket: nothing to adjust by
+
+
 def test_partial_and_length_prior() -> None:
     q = _hand_model()
     assert q.partial("code", 0.25) == pytest.approx(0.2)
     assert q.partial("code", 0.75) == pytest.approx(0.7)
     assert q.partial("code", 2.0) == 1.0 and q.partial(None, -1) == 0.0
-    assert q.length_prior("chat") == [10, 20]
+    assert q.length_prior("chat") == [(10, False), (20, False)]  # no flags in the file: read as ended
 
 
 # ------------------------------------------------------------------------------ the calibration suite
@@ -243,12 +320,17 @@ def _rows(path: Path) -> tuple[dict, list[dict]]:
     return rows[0], rows[1:]
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_calibration_suite_is_marked_and_names_the_suite_it_excludes(version: int) -> None:
     header, tasks = _rows(CALIBRATION_SUITES[version - 1])
     eval_suite = read_suite(EVAL_SUITE)
     assert header["purpose"] == "calibration" and header["name"] == f"calibration-v{version}"
-    assert header["excludes"] == {"name": "longbench-style-v1", "sha256": eval_suite.sha256}
+    excludes = {"name": "longbench-style-v1", "sha256": eval_suite.sha256}
+    if version < 3:
+        assert header["excludes"] == excludes
+    else:  # v3 also avoids v1's and v2's files and conversations (their essays it may reuse)
+        earlier = [read_suite(path) for path in CALIBRATION_SUITES[:2]]
+        assert header["excludes"] == [excludes, *({"name": x.name, "sha256": x.sha256} for x in earlier)]
     assert {k: sum(t["kind"] == k for t in tasks) for k in ("retrieval", "code", "chat")} == {
         "retrieval": 8,
         "code": 8,
@@ -257,7 +339,7 @@ def test_calibration_suite_is_marked_and_names_the_suite_it_excludes(version: in
     assert all(512 <= t["prompt_tokens"] <= 8192 - t["max_new_tokens"] for t in tasks)
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_calibration_suite_shares_no_source_with_the_evaluation_suite(version: int) -> None:
     _, cal = _rows(CALIBRATION_SUITES[version - 1])
     _, ev = _rows(EVAL_SUITE)
@@ -276,15 +358,36 @@ def test_calibration_suite_shares_no_source_with_the_evaluation_suite(version: i
     assert len(used(cal, "code", "file")) == 8 and len(used(cal, "chat", "sharegpt_index")) == 8
 
 
-def test_the_two_calibration_suites_are_different_tasks() -> None:
-    """v2 adds measurements, not copies: no stdlib file, conversation or prompt of v1 again (the 7 essays
-    outside the evaluation suite are all there is, so v2's haystacks reuse them with new needles and depths)."""
-    (_, v1), (_, v2) = (_rows(path) for path in CALIBRATION_SUITES)
+@pytest.mark.parametrize(("a", "b"), [(1, 2), (1, 3), (2, 3)])
+def test_the_calibration_suites_are_different_tasks(a: int, b: int) -> None:
+    """Each suite adds measurements, not copies: no stdlib file, conversation or prompt of another again (the 7
+    essays outside the evaluation suite are all there is, so the haystacks reuse them with new needles and depths)."""
+    (_, first), (_, second) = (_rows(CALIBRATION_SUITES[i - 1]) for i in (a, b))
     for kind, field in (("code", "file"), ("chat", "sharegpt_index")):
-        assert not {t["source"][field] for t in v1 if t["kind"] == kind} & {
-            t["source"][field] for t in v2 if t["kind"] == kind
+        assert not {t["source"][field] for t in first if t["kind"] == kind} & {
+            t["source"][field] for t in second if t["kind"] == kind
         }
-    assert not {t["prompt"] for t in v1} & {t["prompt"] for t in v2}
+    assert not {t["prompt"] for t in first} & {t["prompt"] for t in second}
+
+
+def test_bench_suite_rebuilds_the_third_calibration_suite_from_its_command(tmp_path: Path) -> None:
+    """The committed v3 is what its documented command writes (so a reader can rebuild and audit it)."""
+    suites = ROOT / "benchmarks" / "suites"
+    out = tmp_path / "calibration-v3.jsonl"
+    args = ["bench-suite", "--out", str(out), "--seed", "9", "--retrieval", "8", "--code", "8", "--chat", "8"]
+    args += ["--exclude-sources-of", str(EVAL_SUITE)]
+    args += [
+        "--reuse-essays-of",
+        str(suites / "calibration-v1.jsonl"),
+        "--reuse-essays-of",
+        str(suites / "calibration-v2.jsonl"),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes() == CALIBRATION_SUITES[2].read_bytes()
+    # --reuse-essays-of alone would drop the evaluation suite's exclusion: refused
+    bad = CliRunner().invoke(app, ["bench-suite", "--out", str(out), "--reuse-essays-of", str(EVAL_SUITE)])
+    assert bad.exit_code == 2 and "--exclude-sources-of" in bad.output
 
 
 def test_calibrate_refuses_the_evaluation_suite(tmp_path: Path) -> None:

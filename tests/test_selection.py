@@ -163,6 +163,26 @@ def test_length_distribution_from_buckets_clips_to_n_max() -> None:
     assert dist.mix(prior, 0.5).cdf(4) == pytest.approx(0.25)
 
 
+def test_kaplan_meier_counts_an_answer_cut_at_its_limit_as_longer_not_as_ending() -> None:
+    # by hand: at 2 one of 5 ends (S 0.8); 3 is cut (3 left at risk); at 5 two of 3 end (S 0.8/3); 8 is cut
+    samples = [(2, False), (3, True), (5, False), (5, False), (8, True)]
+    dist = LengthDistribution.from_censored(samples, n_max=10)
+    assert dist.lengths == (2, 5, 10)
+    assert dist.probs == pytest.approx((0.2, 0.8 * 2 / 3, 0.8 / 3))
+    assert dist.cdf(4) == pytest.approx(0.2) and dist.cdf(9) == pytest.approx(0.2 + 0.8 * 2 / 3)
+    assert LengthDistribution.from_censored(samples, n_max=4).probs == pytest.approx((0.2, 0.8))  # clipped
+    # the shipped suites' chat prior: one answer ended (97 tokens), fifteen were cut at 128 / 256 / 512
+    chat = [(97, False)] + [(128, True)] * 5 + [(256, True)] * 4 + [(512, True)] * 6
+    assert LengthDistribution.from_censored(chat, n_max=512).cdf(150) == pytest.approx(1 / 16)
+    assert LengthDistribution.from_samples([n for n, _ in chat], n_max=512).cdf(150) == pytest.approx(6 / 16)
+    # no censoring: the plain empirical distribution; everything cut: the worst case
+    plain = [(4, False), (4, False), (9, False), (30, False)]
+    assert LengthDistribution.from_censored(plain, 16) == LengthDistribution.from_samples([4, 4, 9, 30], 16)
+    assert LengthDistribution.from_censored([(8, True), (64, True)], 32) == LengthDistribution.point(32)
+    with pytest.raises(InvalidInputError):
+        LengthDistribution.from_censored([], 32)
+
+
 def test_time_error_quantiles() -> None:
     error = TimeError.from_samples([1.0 + 0.01 * i for i in range(101)], points=5)
     assert error.ratios == pytest.approx((1.1, 1.3, 1.5, 1.7, 1.9))

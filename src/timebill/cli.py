@@ -991,10 +991,19 @@ def bench_suite(
         str | None, typer.Option(help="Model whose tokenizer measures lengths (default: SmolLM2-135M).")
     ] = None,
     exclude_sources_of: Annotated[
-        str | None,
+        list[str] | None,
         typer.Option(
             "--exclude-sources-of",
-            help="A calibration suite: use no essay, stdlib file or conversation this suite file uses (needs --out).",
+            help="A calibration suite: use no essay, stdlib file or conversation this suite file uses (needs --out; "
+            "repeat it to avoid several suites, e.g. the evaluation suite and the other calibration suites).",
+        ),
+    ] = None,
+    reuse_essays_of: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--reuse-essays-of",
+            help="Like --exclude-sources-of, except that its haystack essays may be reused with new needles, depths "
+            "and lengths (only 7 of the 49 essays lie outside the evaluation suite, and calibration-v1/v2 use them).",
         ),
     ] = None,
     name: Annotated[
@@ -1002,6 +1011,8 @@ def bench_suite(
     ] = None,
 ) -> None:
     """Generate the LongBench-style task suite from text on disk (deterministic for a seed)."""
+    import functools
+    import operator
     from pathlib import Path
 
     from timebill.bench.generate import (
@@ -1016,12 +1027,17 @@ def bench_suite(
 
     try:
         exclude = None
-        if exclude_sources_of is not None:
-            if out is None or Path(out).resolve() == Path(exclude_sources_of).resolve():
-                raise InvalidInputError("--exclude-sources-of needs an --out file other than the suite it excludes")
-            exclude = ExcludedSources.of(read_suite(exclude_sources_of))
+        if reuse_essays_of and not exclude_sources_of:
+            raise InvalidInputError("--reuse-essays-of needs --exclude-sources-of (the evaluation suite) as well")
+        if exclude_sources_of:
+            sources = [*exclude_sources_of, *(reuse_essays_of or [])]
+            if out is None or any(Path(out).resolve() == Path(x).resolve() for x in sources):
+                raise InvalidInputError("--exclude-sources-of needs an --out file other than the suites it excludes")
+            excluded = [ExcludedSources.of(read_suite(x)) for x in exclude_sources_of]
+            excluded += [ExcludedSources.of(read_suite(x)).reusing_essays() for x in reuse_essays_of or []]
+            exclude = functools.reduce(operator.or_, excluded)
             name = name or Path(out).stem
-            if name == exclude.suite_name or name == DEFAULT_SUITE_NAME:
+            if name in {x.suite_name for x in excluded} or name == DEFAULT_SUITE_NAME:
                 raise InvalidInputError(f"a calibration suite needs its own --name, not {name!r}")
         config = SuiteConfig(
             seed=DEFAULT_SUITE_SEED if seed is None else seed,
@@ -1108,7 +1124,13 @@ def calibrate(
     except TimeBillError as exc:
         _fail(exc)
         return
-    for name, k in quality.kinds.items():
+    edges = quality.prompt_edges
+    bounds = [None, *edges, None]
+    spans = [
+        f"prompt {lo or 0}..{hi - 1}" if hi else f"prompt >= {lo}" for lo, hi in zip(bounds, bounds[1:], strict=False)
+    ]
+    rows = [*quality.kinds.items(), *zip(spans if edges else [], quality.prompt_buckets, strict=True)]
+    for name, k in rows:
         factors = ", ".join(
             f"{knob} {r:.2f}"
             + (

@@ -16,6 +16,7 @@ the spread between kinds exceeds what their standard errors explain.
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import os
@@ -26,11 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from timebill.errors import InvalidInputError, TimeBillError
+from timebill.selection import LengthDistribution
 
 QUALITY_FORMAT = "timebill-quality"
 # v2: per-kind factors shrunk toward the pooled one; raw factors and SEs kept. v3: fitted from several
 # calibration suites at once ("suites": a list of name / sha256 / runs directory / tasks).
-QUALITY_FORMAT_VERSION = 3
+QUALITY_FORMAT_VERSION = 4  # 4: lengths carry a censored flag (an answer cut at its N_max); prompt-length buckets
+#: Prompt-length bucket edges (uncompressed prompt tokens) of the length adjustment: short below, long from it.
+#: 2048 is the calibration suites' median prompt and SmolLM2's pre-training context length.
+PROMPT_EDGES = (2048,)
 #: The shipped quality model of the default model (written by ``timebill calibrate``).
 DEFAULT_QUALITY_FILE = Path(__file__).parent / "data" / "quality-smollm2-135m.json"
 DEFAULT_CALIBRATION_SUITES = (
@@ -103,6 +108,8 @@ class KindQuality:
     relative_raw: dict[str, float] = field(default_factory=dict)
     relative_se: dict[str, float | None] = field(default_factory=dict)
     shrink_weight: dict[str, float] = field(default_factory=dict)
+    # Per length: True where vanilla was stopped by its task's N_max, not by EOS (the length is a lower bound).
+    lengths_censored: list[bool] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -114,6 +121,7 @@ class KindQuality:
             "shrink_weight": {k: round(v, 6) for k, v in self.shrink_weight.items()},
             "partial": [[f, round(g, 6)] for f, g in self.partial],
             "lengths": list(self.lengths),
+            "lengths_censored": list(self.lengths_censored or [False] * len(self.lengths)),
         }
 
     @classmethod
@@ -126,12 +134,15 @@ class KindQuality:
             raw = {str(k): float(v) for k, v in data.get("relative_raw", {}).items()}
             se = {str(k): None if v is None else float(v) for k, v in data.get("relative_se", {}).items()}
             weight = {str(k): float(v) for k, v in data.get("shrink_weight", {}).items()}
+            censored = [bool(x) for x in data["lengths_censored"]]
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise QualityError(f"{where} is malformed ({exc!r}); rebuild it with `timebill calibrate`") from exc
         bad = [k for k in relative if k.split(":", 1)[0] not in ("weights", "rho", "alpha")]
         if bad or not all(math.isfinite(v) and v >= 0 for v in [base, *relative.values()]):
             raise QualityError(f"{where} holds invalid values; rebuild it with `timebill calibrate`")
-        return cls(n, base, relative, sorted(partial), lengths, raw, se, weight)
+        if len(censored) != len(lengths):
+            raise QualityError(f"{where} has {len(censored)} censored flags for {len(lengths)} lengths")
+        return cls(n, base, relative, sorted(partial), lengths, raw, se, weight, censored)
 
     def knob_points(self, knob: str) -> list[tuple[float, float]]:
         """Measured (value, factor) of ``rho`` or ``alpha``, sorted, without the implicit (0, 1)."""
@@ -161,6 +172,10 @@ class QualityModel:
     created: str = ""
     machine: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # The prompt-length adjustment: bucket edges (prompt tokens) and, per bucket, the tasks of every kind in it
+    # fitted like a kind and shrunk toward ``all``. Empty: no adjustment (a model fitted without prompt lengths).
+    prompt_edges: tuple[int, ...] = ()
+    prompt_buckets: tuple[KindQuality, ...] = ()
 
     def kind(self, kind: str | None) -> KindQuality:
         """The measurements of ``kind``; an unknown kind (or None) reads the pooled ``all``."""
@@ -179,22 +194,43 @@ class QualityModel:
             )
         return _interpolate([(0.0, 1.0), *points], float(value))
 
-    def score(self, kind: str | None, weights: str, rho: float, alpha: float) -> float:
-        """Expected full-answer score of (weights, ρ, α) on a task of ``kind``, in [0, 1]."""
-        k = self.kind(kind)
+    def _weights_factor(self, k: KindQuality, weights: str) -> float:
         if weights == "fp32":
-            r_weights = 1.0
-        else:
-            key = f"weights:{weights}"
-            found = k.relative.get(key, self.kinds[ALL].relative.get(key))
-            if found is None:
-                measured = sorted({"fp32", *(x.split(":", 1)[1] for x in k.relative if x.startswith("weights:"))})
-                raise InvalidInputError(
-                    f"the quality model has no measurement for {weights} weights (measured: {', '.join(measured)}); "
-                    f"rebuild it with `timebill calibrate --methods vanilla,{weights},...`"
-                )
-            r_weights = found
-        q = k.base * r_weights * self._factor(k, "rho", rho) * self._factor(k, "alpha", alpha)
+            return 1.0
+        key = f"weights:{weights}"
+        found = k.relative.get(key, self.kinds[ALL].relative.get(key))
+        if found is None:
+            measured = sorted({"fp32", *(x.split(":", 1)[1] for x in k.relative if x.startswith("weights:"))})
+            raise InvalidInputError(
+                f"the quality model has no measurement for {weights} weights (measured: {', '.join(measured)}); "
+                f"rebuild it with `timebill calibrate --methods vanilla,{weights},...`"
+            )
+        return found
+
+    def _relative(self, k: KindQuality, weights: str, rho: float, alpha: float) -> float:
+        return self._weights_factor(k, weights) * self._factor(k, "rho", rho) * self._factor(k, "alpha", alpha)
+
+    def prompt_bucket(self, n_prompt: int) -> int:
+        """Index of the prompt-length bucket ``n_prompt`` tokens fall in (``bisect`` over the edges)."""
+        return bisect.bisect_right(self.prompt_edges, int(n_prompt))
+
+    def score(self, kind: str | None, weights: str, rho: float, alpha: float, n_prompt: int | None = None) -> float:
+        """Expected full-answer score of (weights, ρ, α) on a task of ``kind`` with an ``n_prompt``-token prompt.
+
+        Q = base_kind × r_kind(θ) × r_bucket(θ) / r_all(θ): the kind's factors, adjusted by how the pooled
+        factors differ for prompts of this length. Why a prompt-length term: what a knob costs depends on the
+        prompt more than on the kind — compressing a 6k-token prompt for a 135M model removes distraction,
+        compressing a 700-token one removes the answer (calibration v1 + v2: ρ 0.75 at 0.97× vanilla below
+        2048 prompt tokens, 1.32× from 2048 on). ``n_prompt`` None, or a model without buckets: no adjustment.
+        """
+        k = self.kind(kind)
+        q = k.base * self._relative(k, weights, rho, alpha)
+        if n_prompt is not None and self.prompt_buckets:
+            pooled = self.kinds[ALL]
+            bucket = self.prompt_buckets[self.prompt_bucket(n_prompt)]
+            denominator = self._relative(pooled, weights, rho, alpha)
+            if denominator > 0:
+                q *= self._relative(bucket, weights, rho, alpha) / denominator
         return min(1.0, max(0.0, q))
 
     def partial(self, kind: str | None, fraction: float) -> float:
@@ -202,9 +238,19 @@ class QualityModel:
         points = [(0.0, 0.0), *self.kind(kind).partial]
         return min(1.0, max(0.0, _interpolate(points, min(1.0, max(0.0, float(fraction))))))
 
-    def length_prior(self, kind: str | None) -> list[int]:
-        """Vanilla's answer lengths on calibration tasks of ``kind`` (all tasks when it has none)."""
-        return list(self.kind(kind).lengths or self.kinds[ALL].lengths)
+    def length_prior(self, kind: str | None) -> list[tuple[int, bool]]:
+        """Vanilla's (answer length, cut at N_max) on calibration tasks of ``kind`` (all tasks when it has none)."""
+        k = self.kind(kind) if self.kind(kind).lengths else self.kinds[ALL]
+        return list(zip(k.lengths, k.lengths_censored or [False] * len(k.lengths), strict=True))
+
+    def length_distribution(self, kind: str | None, n_max: int) -> LengthDistribution:
+        """P(answer length) for a request of ``kind`` with limit ``n_max``: Kaplan–Meier over the prior.
+
+        An answer the calibration run cut at its own N_max counts as "longer than that", not as ending there
+        (:meth:`LengthDistribution.from_censored` says why); with no prior, the worst case (all at ``n_max``).
+        """
+        prior = self.length_prior(kind)
+        return LengthDistribution.from_censored(prior, n_max) if prior else LengthDistribution.point(n_max)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -218,6 +264,7 @@ class QualityModel:
             "machine": self.machine,
             **({"extra": self.extra} if self.extra else {}),
             "kinds": {name: k.to_dict() for name, k in self.kinds.items()},
+            "prompt_buckets": {"edges": list(self.prompt_edges), "buckets": [b.to_dict() for b in self.prompt_buckets]},
         }
 
 
@@ -265,6 +312,7 @@ def load_quality(path: str | os.PathLike[str], *, model_fingerprint: str | None 
     if not isinstance(kinds_raw, dict) or ALL not in kinds_raw:
         raise QualityError(f"{path} has no pooled 'all' measurements; rebuild it with `timebill calibrate`")
     kinds = {str(name): KindQuality.from_dict(k, f"{path} kinds.{name}") for name, k in kinds_raw.items()}
+    edges, buckets = _read_prompt_buckets(data.get("prompt_buckets"), str(path))
     model = QualityModel(
         model_id=str(data.get("model_id", "?")),
         model_fingerprint=str(data.get("model_fingerprint", "?")),
@@ -274,6 +322,8 @@ def load_quality(path: str | os.PathLike[str], *, model_fingerprint: str | None 
         created=str(data.get("created", "")),
         machine=str(data.get("machine", "")),
         extra=dict(data.get("extra") or {}),
+        prompt_edges=edges,
+        prompt_buckets=buckets,
     )
     if model_fingerprint is not None and model.model_fingerprint != model_fingerprint:
         raise QualityError(
@@ -281,6 +331,24 @@ def load_quality(path: str | os.PathLike[str], *, model_fingerprint: str | None 
             "rebuild with `timebill calibrate`"
         )
     return model
+
+
+def _read_prompt_buckets(raw: Any, where: str) -> tuple[tuple[int, ...], tuple[KindQuality, ...]]:
+    """The file's prompt-length adjustment; absent or empty: none. Edges must ascend, one bucket more than edges."""
+    if not raw:
+        return (), ()
+    try:
+        edges = tuple(int(x) for x in raw["edges"])
+        buckets = tuple(KindQuality.from_dict(b, f"{where} prompt_buckets[{i}]") for i, b in enumerate(raw["buckets"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise QualityError(
+            f"{where} has malformed prompt_buckets ({exc!r}); rebuild it with `timebill calibrate`"
+        ) from exc
+    if not buckets:
+        return (), ()
+    if len(buckets) != len(edges) + 1 or any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
+        raise QualityError(f"{where} has {len(buckets)} prompt buckets for edges {list(edges)}; rebuild it")
+    return edges, buckets
 
 
 # ------------------------------------------------------------------------------------------- fitting
@@ -303,13 +371,24 @@ def _prefix_tokens(fraction: float, length: int) -> int:
     return math.ceil(fraction * length - 1e-9)
 
 
+def _was_cut(record: dict[str, Any], n: int) -> bool:
+    """Whether a no-deadline run stopped at its N_max (or anything but EOS) rather than ending by itself."""
+    reason = record.get("stop_reason")
+    if reason is not None:
+        return reason != "eos"
+    limit = record.get("max_new_tokens")
+    return limit is not None and n >= int(limit)
+
+
 @dataclass(frozen=True)
 class _TaskScores:
     """One calibration task's measurements: what every fit reads, scored once (task ids of two suites may collide)."""
 
     kind: str
+    prompt_tokens: int  # the task's uncompressed prompt length (the prompt-length buckets read it)
     vanilla: float  # vanilla's full score
     length: int  # vanilla's answer tokens
+    censored: bool  # vanilla stopped at the task's N_max, not by EOS: the answer is at least ``length`` long
     partial: dict[float, float]  # f → score of vanilla's answer cut to ceil(f·len) tokens
     knobs: dict[str, float]  # "rho:0.5" → that configuration's full score on this task
 
@@ -329,8 +408,10 @@ def _score_tasks(tasks: Sequence[Any], runs: dict[str, dict[str, dict[str, Any]]
         out.append(
             _TaskScores(
                 kind=t.kind,
+                prompt_tokens=int(v.get("prompt_tokens") or t.prompt_tokens or 0),  # the model's own count
                 vanilla=scorer.full(v["key"], t, v),
                 length=n,
+                censored=_was_cut(v, n),
                 partial={f: scorer.prefix(v["key"], t, v, _prefix_tokens(f, n)) for f in PARTIAL_FRACTIONS},
                 knobs={
                     knob: scorer.full(rec["key"], t, rec)
@@ -363,6 +444,7 @@ def _fit_kind(done: Sequence[_TaskScores]) -> KindQuality | None:
         relative=relative,
         partial=partial,
         lengths=[t.length for t in done],
+        lengths_censored=[t.censored for t in done],
         relative_raw=dict(relative),
         relative_se=standard_errors,
         shrink_weight={k: 1.0 for k in relative},
@@ -496,6 +578,7 @@ def fit_quality_many(
     assert pooled is not None  # scored is not empty
     kinds = shrink_toward_pooled(kinds, pooled)
     kinds[ALL] = pooled
+    edges, buckets = _fit_prompt_buckets(scored, pooled)
     return QualityModel(
         model_id=model_id,
         model_fingerprint=fingerprint,
@@ -504,7 +587,29 @@ def fit_quality_many(
         command=command,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         machine="; ".join(machines),  # quality does not depend on the host; the runs' timings do
+        prompt_edges=edges,
+        prompt_buckets=buckets,
     )
+
+
+def _fit_prompt_buckets(
+    scored: Sequence[_TaskScores], pooled: KindQuality
+) -> tuple[tuple[int, ...], tuple[KindQuality, ...]]:
+    """Per prompt-length bucket, every kind's tasks in it fitted as one, shrunk toward ``pooled`` (as kinds are).
+
+    Empirical Bayes decides how much of a bucket's difference is kept: buckets that differ no more than their
+    standard errors explain read the pooled factors, i.e. no adjustment. Any bucket without a task: none.
+    """
+    groups = [
+        [t for t in scored if bisect.bisect_right(PROMPT_EDGES, t.prompt_tokens) == i]
+        for i in range(len(PROMPT_EDGES) + 1)
+    ]
+    fits = [_fit_kind(g) for g in groups]
+    if any(f is None for f in fits):
+        return (), ()
+    named = {str(i): f for i, f in enumerate(fits) if f is not None}
+    shrunk = shrink_toward_pooled(named, pooled)
+    return PROMPT_EDGES, tuple(shrunk[str(i)] for i in range(len(fits)))
 
 
 def fit_quality(

@@ -221,7 +221,7 @@ class Selector:
         return cls(loaded, estimators, q, **options)
 
     # ------------------------------------------------------------------ planning
-    def candidates(self, kind: str | None) -> list[Candidate]:
+    def candidates(self, kind: str | None, n_prompt: int | None = None) -> list[Candidate]:
         out = []
         errors = {w: window.current() for w, window in self.time_errors.items()}
         for w, est in self.estimators.items():
@@ -232,16 +232,13 @@ class Selector:
                     if not self.combine_knobs and (w != "fp32") + (rho > 0) + (alpha > 0) > 1:
                         continue
                     knobs = Knobs(w, rho, alpha, self.compressor)
-                    q = self.quality.score(kind, w, rho, alpha)
+                    q = self.quality.score(kind, w, rho, alpha, n_prompt)
                     model = EstimatorTime(est, rho, alpha, self.compressor)
                     out.append(Candidate(knobs, model, q, time_error=errors[w]))
         return out
 
     def length_distribution(self, kind: str | None, max_new_tokens: int) -> LengthDistribution:
-        prior = self.quality.length_prior(kind)
-        if not prior:
-            return LengthDistribution.point(max_new_tokens)
-        return LengthDistribution.from_samples(prior, max_new_tokens)
+        return self.quality.length_distribution(kind, max_new_tokens)
 
     def select(
         self,
@@ -258,7 +255,7 @@ class Selector:
         length = length or self.length_distribution(kind, max_new_tokens)
         with self._estimator_lock:
             return choose(
-                self.candidates(kind),
+                self.candidates(kind, n_prompt),
                 n_prompt=n_prompt,
                 budget_s=budget_s,
                 length=length,

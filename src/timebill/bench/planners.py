@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from timebill.bench.methods import FixedAlpha, method_registry
-from timebill.selection import Candidate, Knobs, LengthDistribution, TimeError, choose
+from timebill.selection import Candidate, Knobs, TimeError, choose
 
 
 @dataclass(frozen=True)
@@ -55,17 +55,12 @@ def expected_planner(quality: Any, policy: str | None = None) -> Callable[[Any, 
             if knobs is None or model is None:
                 continue
             names[knobs] = config
-            q = quality.score(view.kind, knobs.weights, knobs.rho, knobs.alpha)
+            q = quality.score(view.kind, knobs.weights, knobs.rho, knobs.alpha, view.prompt_tokens)
             error = TimeError.from_samples(model.ratios) if model.ratios else None
             candidates.append(Candidate(knobs, TraceTime(model), q, error))
         if not candidates:
             return None
-        prior = quality.length_prior(view.kind)
-        length = (
-            LengthDistribution.from_samples(prior, view.max_new_tokens)
-            if prior
-            else LengthDistribution.point(view.max_new_tokens)
-        )
+        length = quality.length_distribution(view.kind, view.max_new_tokens)
         choice = choose(
             candidates,
             n_prompt=view.prompt_tokens,
