@@ -44,15 +44,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from timebill.quality import consensus_factor
+
 VARIANTS = ("as-fitted", "kind-only", "length-only", "pooled", "flat", "cautious", "consensus", "shrunk")
 LARGE_KNOWN = "alpha:0.95"  # the one effect every suite agrees on: kept out of the spread estimate
-
-
-def consensus_factor(values: list[float]) -> float:
-    """The value nearest 1 if all lie on the same side of 1, else 1 (the suites disagree on the direction)."""
-    if all(v >= 1 for v in values) or all(v <= 1 for v in values):
-        return min(values, key=lambda v: abs(v - 1))
-    return 1.0
 
 
 def shrunk_factors(pooled: dict[str, float], se: dict[str, float | None]) -> dict[str, float]:
@@ -102,7 +97,7 @@ def variant(quality: dict, name: str, singles: list[dict] | None = None) -> dict
 
 def fit(pairs: list[tuple[str, str]], out: Path) -> dict:
     """`timebill calibrate --fit-only` on these (suite, runs) pairs, parsed."""
-    cmd = [sys.executable, "-m", "timebill.cli", "calibrate", "--fit-only", "--out", str(out)]
+    cmd = [sys.executable, "-m", "timebill.cli", "calibrate", "--fit-only", "--combine", "pooled", "--out", str(out)]
     for suite, runs in pairs:
         cmd += ["--suite", suite, "--runs", runs]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)

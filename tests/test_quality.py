@@ -18,6 +18,7 @@ from timebill.quality import (
     QualityError,
     QualityModel,
     _ratio_of_means,
+    consensus_factor,
     fit_quality,
     fit_quality_many,
     load_quality,
@@ -154,6 +155,15 @@ def test_fit_pools_suites_whose_task_ids_collide(tmp_path: Path) -> None:
     assert retrieval.relative_raw["weights:int8"] == pytest.approx(3 / 2)
     assert model.kinds["all"].n == 5
     assert [(x["name"], x["tasks"]) for x in model.suites] == [("tiny-calibration", 3), ("tiny-calibration-2", 2)]
+    # consensus (the default): suite one alone says int8 is 1.0 (r1: 1 vs 1), suite two 2.0 (mean 1 vs 0.5), both
+    # >= 1: the one nearest 1 is believed; pooled reads all three pairs together (3/2)
+    assert model.extra["combine"] == "consensus" and model.prompt_buckets == ()
+    assert retrieval.relative["weights:int8"] == pytest.approx(1.0)
+    pooled = fit_quality_many([(runs_a, _suite(first)), (runs_b, other)], decode, "m", "f", combine="pooled")
+    assert pooled.kinds["retrieval"].relative["weights:int8"] == pytest.approx(3 / 2)
+    assert pooled.extra["combine"] == "pooled"
+    with pytest.raises(InvalidInputError, match="combine"):
+        fit_quality_many([(runs_a, _suite(first))], decode, "m", "f", combine="mean")
     with pytest.raises(InvalidInputError, match="named twice"):
         fit_quality_many([(runs_a, _suite(first)), (runs_a, _suite(first))], decode, "m", "f")
 
@@ -210,7 +220,8 @@ def test_the_shipped_quality_file_is_for_the_shipped_model_and_a_missing_one_is_
     assert DEFAULT_QUALITY_FILE.name == "quality-smollm2-135m.json"
     manifest = json.loads((ROOT / "docs" / "results" / "calibration-v1" / "manifest.json").read_text())
     shipped = load_quality(DEFAULT_QUALITY_FILE, model_fingerprint=manifest["model_fingerprint"])
-    assert [s["name"] for s in shipped.suites] == ["calibration-v1", "calibration-v2"]
+    assert [s["name"] for s in shipped.suites] == ["calibration-v1", "calibration-v2", "calibration-v3"]
+    assert shipped.extra["combine"] == "consensus"
     for entry in shipped.suites:  # each suite's runs are committed, of that very suite file
         runs_manifest = json.loads((ROOT / entry["runs_dir"] / "manifest.json").read_text())
         assert (
@@ -219,7 +230,7 @@ def test_the_shipped_quality_file_is_for_the_shipped_model_and_a_missing_one_is_
             == read_suite(ROOT / "benchmarks" / "suites" / f"{entry['name']}.jsonl").sha256
         )
         assert runs_manifest["model_fingerprint"] == manifest["model_fingerprint"]
-    assert set(shipped.kinds) == {"retrieval", "code", "chat", "all"} and shipped.kinds["all"].n == 48
+    assert set(shipped.kinds) == {"retrieval", "code", "chat", "all"} and shipped.kinds["all"].n == 72
     for kind in shipped.kinds:  # every one-knob configuration the planner offers is priced
         for w, rho, alpha in [("int8", 0, 0), ("int4", 0, 0), ("fp32", 0.9, 0), ("fp32", 0, 0.95)]:
             assert 0.0 <= shipped.score(kind, w, rho, alpha) <= 1.0
@@ -400,6 +411,13 @@ def test_calibrate_refuses_the_evaluation_suite(tmp_path: Path) -> None:
     assert not (tmp_path / "q").exists()
 
 
+@pytest.mark.parametrize(
+    ("values", "expected"), [([1.2, 1.05, 1.4], 1.05), ([0.7, 0.9], 0.9), ([1.3, 0.8], 1.0), ([1.0, 1.5], 1.0)]
+)
+def test_consensus_factor_believes_only_the_smallest_move_all_suites_agree_on(values, expected) -> None:
+    assert consensus_factor(values) == pytest.approx(expected)
+
+
 def test_ratio_of_means_standard_error_is_the_delta_method_one() -> None:
     pairs = [(1.0, 1.0), (0.0, 0.5)]  # r = 1 / 1.5; residuals ±1/3; se = sqrt((2/9) / 1 / 2) / 0.75
     ratio, se = _ratio_of_means(pairs)
@@ -449,16 +467,28 @@ def test_shrinkage_with_a_missing_standard_error_or_a_single_kind() -> None:
     assert out["a"].relative["rho:0.9"] == 0.7  # only kind a measures rho 0.9: it is the pooled measurement
 
 
-def test_the_shipped_quality_file_is_shrunk() -> None:
-    """The shipped factors are the pooled ones wherever the kinds differ no more than noise explains."""
+def test_the_shipped_quality_file_is_the_consensus_of_the_three_suites_fitted_alone(tmp_path: Path) -> None:
+    """Rebuilt from the committed runs: each suite alone (its kinds shrunk toward its pooled factors where the
+    kinds differ no more than noise explains), then each shipped factor the consensus of the three."""
     shipped = load_quality(DEFAULT_QUALITY_FILE)
-    pooled = shipped.kinds["all"]
+    singles = []
+    for entry in shipped.suites:
+        out = tmp_path / f"{entry['name']}.json"
+        suite = ROOT / "benchmarks" / "suites" / f"{entry['name']}.jsonl"
+        args = ["calibrate", "--fit-only", "--combine", "pooled", "--suite", str(suite)]
+        result = CliRunner().invoke(app, [*args, "--runs", str(ROOT / entry["runs_dir"]), "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        single = load_quality(out)
+        for name, k in single.kinds.items():
+            if name == "all":
+                continue
+            pooled = single.kinds["all"]
+            for knob, r in k.relative.items():
+                w = k.shrink_weight[knob]
+                assert 0.0 <= w <= 1.0
+                expected = pooled.relative[knob] + w * (k.relative_raw[knob] - pooled.relative[knob])
+                assert r == pytest.approx(expected, abs=1e-5)
+        singles.append(single)
     for name, k in shipped.kinds.items():
-        if name == "all":
-            continue
         for knob, r in k.relative.items():
-            w = k.shrink_weight[knob]
-            assert 0.0 <= w <= 1.0
-            assert r == pytest.approx(
-                pooled.relative[knob] + w * (k.relative_raw[knob] - pooled.relative[knob]), abs=1e-5
-            )
+            assert r == pytest.approx(consensus_factor([s.kinds[name].relative[knob] for s in singles]), abs=1e-5)

@@ -1066,7 +1066,7 @@ def calibrate(
         list[str] | None,
         typer.Option(
             help="Calibration suite, never the evaluation suite; repeat for several, pooled "
-            "(default: benchmarks/suites/calibration-v1 and calibration-v2)."
+            "(default: benchmarks/suites/calibration-v1, -v2 and -v3)."
         ),
     ] = None,
     runs: Annotated[
@@ -1088,6 +1088,13 @@ def calibrate(
     model: ModelOption = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar with ETA.")] = True,
     fit_only: Annotated[bool, typer.Option("--fit-only", help="Run nothing: fit from the runs in --runs.")] = False,
+    combine: Annotated[
+        str,
+        typer.Option(
+            help="How several suites combine: consensus (a factor moves from 1 only as far as every suite agrees) "
+            "or pooled (all tasks together, with a prompt-length adjustment)."
+        ),
+    ] = "consensus",
 ) -> None:
     """Measure the quality model Q(weights, ρ, α | kind) on the calibration suites and write it atomically."""
     from timebill import quality as q
@@ -1118,6 +1125,7 @@ def calibrate(
             cpu_lock=cpu_lock,
             progress=progress,
             fit_only=fit_only,
+            combine=combine,
             command="timebill " + " ".join(sys.argv[1:]),
             log=lambda m: typer.echo(m, err=True),
         )
