@@ -242,7 +242,8 @@ class QualityModel:
 
     def length_prior(self, kind: str | None) -> list[tuple[int, bool]]:
         """Vanilla's (answer length, cut at N_max) on calibration tasks of ``kind`` (all tasks when it has none)."""
-        k = self.kind(kind) if self.kind(kind).lengths else self.kinds[ALL]
+        k = self.kind(kind)
+        k = k if k.lengths else self.kinds[ALL]
         return list(zip(k.lengths, k.lengths_censored or [False] * len(k.lengths), strict=True))
 
     def length_distribution(self, kind: str | None, n_max: int) -> LengthDistribution:

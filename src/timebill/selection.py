@@ -23,6 +23,7 @@ Pure maths, stdlib only (no torch): the engine, the simulator and the tests call
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -186,14 +187,11 @@ class LengthDistribution:
         data = sorted((max(1, int(n)), bool(c)) for n, c in samples)
         if not data:
             raise InvalidInputError("a length distribution needs at least one sample")
-        at_risk, survival, pairs, i = len(data), 1.0, [], 0
-        while i < len(data):
-            n = data[i][0]
-            ends = cuts = 0
-            while i < len(data) and data[i][0] == n:  # the samples tied at n: ends count before cuts
-                cuts += data[i][1]
-                ends += not data[i][1]
-                i += 1
+        at_risk, survival, pairs = len(data), 1.0, []
+        for n, tied in itertools.groupby(data, key=lambda x: x[0]):  # the samples tied at n: ends before cuts
+            flags = [c for _, c in tied]
+            cuts = sum(flags)
+            ends = len(flags) - cuts
             if ends:
                 mass = survival * ends / at_risk
                 pairs.append((n, mass))
