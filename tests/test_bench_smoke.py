@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -105,4 +106,8 @@ def test_bench_api_with_a_stand_in_predictor_and_given_budgets(engine, estimator
     assert data.budgets == [0.5, 30.0] and "command line" in data.budget_note
     assert _lines(tmp_path / "api") == {"snapkv-0.5": 2, "timebill": 4, "vanilla": 2}
     path = write_report(data, tmp_path / "api", Scorer(resources.decode), {"predictor": "constant test"})
-    assert "| timebill |" in path.read_text()
+    assert "| timebill |" in path.read_text() and "## The paper's claims, checked" in path.read_text()
+    # without the paper's planner in the run its claims section is left out, not printed as a placeholder
+    without = dataclasses.replace(data, methods=[m for m in data.methods if m.name != "timebill"])
+    text = write_report(without, tmp_path / "api-no-paper", Scorer(resources.decode), {"predictor": "x"}).read_text()
+    assert "| snapkv-0.5 |" in text and "## The paper's claims" not in text and "needs the timebill" not in text
