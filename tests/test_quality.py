@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from timebill.bench.generate import ExcludedSources
 from timebill.bench.suite import Task, read_suite, write_suite
 from timebill.cli import app
 from timebill.errors import InvalidInputError, TimeBillError
@@ -399,6 +400,16 @@ def test_bench_suite_rebuilds_the_third_calibration_suite_from_its_command(tmp_p
     # --reuse-essays-of alone would drop the evaluation suite's exclusion: refused
     bad = CliRunner().invoke(app, ["bench-suite", "--out", str(out), "--reuse-essays-of", str(EVAL_SUITE)])
     assert bad.exit_code == 2 and "--exclude-sources-of" in bad.output
+
+
+def test_excluded_sources_keep_each_suites_name_and_hash_paired() -> None:
+    """Union keeps (name, sha256) pairs as pairs, so a suite name with " + " or "," in it survives into the header."""
+    a = ExcludedSources((("eval + extra", "h1"),), essays=frozenset({"e1"}))
+    b = ExcludedSources((("cal,v1", "h2"),), code_files=frozenset({"x.py"})).reusing_essays()
+    both = a | b
+    assert both.suites == (("eval + extra", "h1"), ("cal,v1", "h2"))
+    assert both.names == "eval + extra + cal,v1" and both.reused_essays_of == ("cal,v1",)
+    assert both.essays == {"e1"} and both.code_files == {"x.py"}
 
 
 def test_calibrate_refuses_the_evaluation_suite(tmp_path: Path) -> None:

