@@ -1037,7 +1037,7 @@ def bench_suite(
             excluded += [ExcludedSources.of(read_suite(x)).reusing_essays() for x in reuse_essays_of or []]
             exclude = functools.reduce(operator.or_, excluded)
             name = name or Path(out).stem
-            if name in {n for x in excluded for n, _ in x.suites} or name == DEFAULT_SUITE_NAME:
+            if name in exclude.suite_names or name == DEFAULT_SUITE_NAME:
                 raise InvalidInputError(f"a calibration suite needs its own --name, not {name!r}")
         config = SuiteConfig(
             seed=DEFAULT_SUITE_SEED if seed is None else seed,

@@ -170,9 +170,14 @@ class ExcludedSources:
         return cls(((suite.name, suite.sha256),), frozenset(essays), frozenset(files), frozenset(conversations))
 
     @property
+    def suite_names(self) -> tuple[str, ...]:
+        """The excluded suites' names, in the order they were combined."""
+        return tuple(name for name, _ in self.suites)
+
+    @property
     def names(self) -> str:
         """The suites' names for messages and the header's prose: ``a + b``."""
-        return " + ".join(name for name, _ in self.suites)
+        return " + ".join(self.suite_names)
 
     def __or__(self, other: ExcludedSources) -> ExcludedSources:
         """Both suites' sources (a third calibration suite must avoid the evaluation suite *and* the other two)."""
@@ -186,8 +191,7 @@ class ExcludedSources:
 
     def reusing_essays(self) -> ExcludedSources:
         """These sources less the essays: their haystacks may be reused with new needles, depths and lengths."""
-        names = tuple(name for name, _ in self.suites)
-        return replace(self, essays=frozenset(), reused_essays_of=(*self.reused_essays_of, *names))
+        return replace(self, essays=frozenset(), reused_essays_of=(*self.reused_essays_of, *self.suite_names))
 
 
 NO_EXCLUSIONS = ExcludedSources(())
