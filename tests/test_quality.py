@@ -412,6 +412,14 @@ def test_excluded_sources_keep_each_suites_name_and_hash_paired() -> None:
     assert both.essays == {"e1"} and both.code_files == {"x.py"}
 
 
+def test_bench_suite_refuses_a_calibration_suite_named_like_a_suite_it_excludes(tmp_path: Path) -> None:
+    other = CALIBRATION_SUITES[0]  # not the default suite name, so only the excluded-names check can refuse it
+    args = ["bench-suite", "--out", str(tmp_path / "c.jsonl"), "--exclude-sources-of", str(EVAL_SUITE)]
+    args += ["--reuse-essays-of", str(other), "--name", read_suite(other).name]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "needs its own --name" in result.output and not (tmp_path / "c.jsonl").exists()
+
+
 def test_calibrate_refuses_the_evaluation_suite(tmp_path: Path) -> None:
     result = CliRunner().invoke(
         app,
