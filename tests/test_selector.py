@@ -89,6 +89,30 @@ def test_a_budget_nothing_fits_is_refused_before_any_work(engine, estimator) -> 
         Selector({"fp32": engine}, {}, _quality(1.0))
 
 
+def test_a_kill_budget_no_answer_can_finish_in_is_refused_saying_so(engine, estimator) -> None:
+    # every calibration answer of this kind was 400 tokens long: by T the first tokens arrive, but no
+    # configuration emits 400, so under Kill every P(finish) is 0 — the refusal must say that, not "no token"
+    q = _quality(alpha_factor=1.0)
+    long = QualityModel(
+        q.model_id,
+        q.model_fingerprint,
+        q.suites,
+        {"all": KindQuality(n=4, base=0.5, relative={}, partial=[(1.0, 1.0)], lengths=[400, 400, 400, 400])},
+    )
+    selector = Selector({"fp32": engine}, {"fp32": estimator}, long, rhos=(0.0,), alphas=(0.0,))
+    n_prompt = len(engine.encode(PROMPT, chat=True))
+    budget = estimator.prefill_s(n_prompt) + 20 * estimator.step_s(n_prompt)  # ~20 tokens, far from 400
+    with pytest.raises(InfeasibleBudgetError, match="no configuration is expected to deliver") as info:
+        selector.generate(PROMPT, budget, policy="kill", max_new_tokens=400)
+    assert "400 tokens" in str(info.value) and "emits a token" not in str(info.value)
+    assert info.value.earliest_feasible_s > budget  # the budget that would let 400 tokens arrive
+    # the same budget under guard plans (a partial answer counts), and a budget that fits 400 tokens under Kill
+    selection, _ = selector.plan(PROMPT, budget, policy="guard", max_new_tokens=400)
+    assert selection.choice.best is not None
+    selection, _ = selector.plan(PROMPT, 1.5 * info.value.earliest_feasible_s, policy="kill", max_new_tokens=400)
+    assert selection.choice.best is not None and selection.choice.best.p_finish > 0
+
+
 def test_the_bench_method_records_the_choice_and_reads_like_any_run(engine, estimator) -> None:
     selector = Selector({"fp32": engine}, {"fp32": estimator}, _quality(alpha_factor=1.2), rhos=(0.0,))
     resources = Resources(engine, make_selector=lambda res: selector)

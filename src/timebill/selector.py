@@ -295,6 +295,40 @@ class Selector:
         plan_s = time.perf_counter() - t_start
         return Selection(choice, len(ids), budget_s, policy, kind, plan_s, length), ids
 
+    def _refusal(self, selection: Selection, time_budget: float) -> InfeasibleBudgetError:
+        """Why nothing was chosen, in the user's terms, with the budget that would have been accepted.
+
+        Two different cases: no configuration emits even its first token by T (the prompt is too long for
+        the budget), or tokens do arrive but no configuration is expected to deliver an answer that scores —
+        under Kill, every one's P(finish) is 0 because the shortest answer length the prior gives this kind
+        needs more time than T leaves. Saying "no token" in the second case sent users to shorten a prompt
+        that was not the problem (all ten refusals of bench-v3 parts 0-7 were this case).
+        """
+        ranked = selection.choice.ranked
+        fastest = selection.plan_s + min(e.first_token_s for e in ranked)
+        if all(e.tokens_by_deadline == 0 for e in ranked):
+            return InfeasibleBudgetError(
+                f"Infeasible: no configuration emits a token within {time_budget:.3f} s on this machine "
+                f"(fastest first token {fastest:.3f} s); give at least {fastest * 1.1:.3f} s or shorten the prompt.",
+                earliest_feasible_s=fastest,
+            )
+        shortest = min(n for n, pn in zip(selection.length.lengths, selection.length.probs, strict=True) if pn > 0)
+        most = max(ranked, key=lambda e: e.tokens_by_deadline)
+        # the earliest budget at which some configuration's median run emits the shortest likely answer
+        earliest = selection.plan_s + min(
+            predicted_token_s(c.time, selection.n_prompt, shortest)
+            for c in self.candidates(selection.kind, selection.n_prompt)
+        )
+        what = f"answers of kind {selection.kind!r}" if selection.kind else "answers"
+        return InfeasibleBudgetError(
+            f"Infeasible under the {selection.policy} policy: tokens arrive within {time_budget:.3f} s, but no "
+            f"configuration is expected to deliver an answer that scores — the most any emits by then is "
+            f"{most.tokens_by_deadline} ({most.knobs.label}), and the shortest length the length prior gives "
+            f"{what} is {shortest} tokens. Give at least {earliest * 1.1:.3f} s, or use the guard policy "
+            "(its partial answer counts).",
+            earliest_feasible_s=earliest,
+        )
+
     def generate(
         self,
         prompt: str,
@@ -313,12 +347,7 @@ class Selector:
         )
         best = selection.choice.best
         if best is None:
-            earliest = selection.plan_s + min(e.first_token_s for e in selection.choice.ranked)
-            raise InfeasibleBudgetError(
-                f"Infeasible: no configuration emits a token within {time_budget:.3f} s on this machine "
-                f"(fastest first token {earliest:.3f} s); give at least {earliest * 1.1:.3f} s or shorten the prompt.",
-                earliest_feasible_s=earliest,
-            )
+            raise self._refusal(selection, time_budget)
         k = best.knobs
         gen = self.engines[k.weights].generate(
             prompt if k.rho > 0 else ids,
