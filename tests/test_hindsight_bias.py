@@ -1,0 +1,29 @@
+"""benchmarks/hindsight_bias.py's leave-one-part-out pick, on hand-built scores (no model, no runs)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "hindsight_bias.py"
+_spec = importlib.util.spec_from_file_location("bench_hindsight_bias", _PATH)
+assert _spec is not None and _spec.loader is not None
+hb = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = hb
+_spec.loader.exec_module(hb)
+
+
+def test_each_part_is_scored_by_the_pick_made_without_it() -> None:
+    # "lucky" wins in hindsight only because of part 0; without part 0 "steady" is best, and vice versa
+    parts = [{"a0", "a1"}, {"b0", "b1"}, {"c0", "c1"}]
+    jobs = {
+        "steady": [("a0", 0.3), ("a1", 0.3), ("b0", 0.3), ("b1", 0.3), ("c0", 0.3), ("c1", 0.3)],
+        "lucky": [("a0", 1.0), ("a1", 1.0), ("b0", 0.1), ("b1", 0.1), ("c0", 0.2), ("c1", 0.2)],
+    }
+    assert max(jobs, key=lambda m: hb._mean(jobs[m])) == "lucky"  # 0.433 vs 0.3 in hindsight
+    loo, picks = hb.leave_one_part_out(jobs, parts)
+    # part 0 held out: steady 0.3 vs lucky 0.15 → steady; part 1 held out: lucky 0.6 → lucky; part 2: lucky 0.55
+    assert picks == {"steady": 1, "lucky": 2}
+    assert sorted(loo) == sorted([("a0", 0.3), ("a1", 0.3), ("b0", 0.1), ("b1", 0.1), ("c0", 0.2), ("c1", 0.2)])
+    assert hb._mean(loo) < hb._mean(jobs["lucky"])  # the out-of-sample pick scores below the hindsight pick
