@@ -12,7 +12,9 @@ Prints (1) each fixed configuration's mean no-deadline score ×100 per kind over
 (2) per budget level (the parts' k-th budget) and policy, the planner's configurations per kind with its
 Kill / guard score there. Scores use the benchmark's metrics (``timebill.bench.metrics``); a Kill job scores
 only when its answer ended by itself (EOS or N_max) by T, a guard job scores
-the text the engine returned (its guard stops decoding at T).
+the text the engine returned (its guard stops decoding at T). Every planner's runs are also scored "as guard"
+(the Kill planner's runs stop at T too), with the count of answers that did not end by themselves (cut at T
+or refused).
 """
 
 from __future__ import annotations
@@ -27,11 +29,19 @@ from pathlib import Path
 from timebill.bench.methods import finished_by
 from timebill.bench.metrics import score
 from timebill.bench.runner import load_manifest
-from timebill.bench.suite import default_suite_path, read_suite
+from timebill.bench.suite import Task, default_suite_path, read_suite
 
 
 def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _text_score(task: Task, record: dict) -> float:
+    return score(task.metric, record.get("text", ""), task.references)
+
+
+def _mean100(xs: list[float]) -> float:
+    return 100 * statistics.mean(xs) if xs else float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,9 +84,18 @@ def main(argv: list[str] | None = None) -> int:
                 else 0.0
                 for r in rs
             ]
+            # the same runs scored as guard (the text delivered by T, cut or not): says whether one planner's
+            # choices would also have served the other policy, and how many of its answers T cut
+            as_guard = [
+                score(tasks[r["task_id"]].metric, r.get("text", ""), tasks[r["task_id"]].references) for r in rs
+            ]
+            cut = sum(r.get("stop_reason") not in ("eos", "max_tokens") for r in rs)
             picks = collections.Counter(r.get("configuration", r.get("stop_reason", "?")) for r in rs)
             top = ", ".join(f"{c} {n}" for c, n in picks.most_common(4))
-            print(f"  {kind:<10} score {100 * statistics.mean(scores) if scores else float('nan'):5.1f}  picks: {top}")
+            print(
+                f"  {kind:<10} score {_mean100(scores):5.1f}  as guard {_mean100(as_guard):5.1f} (not ended by itself "
+                f"{cut}/{len(rs)})  picks: {top}"
+            )
     return 0
 
 

@@ -1,4 +1,4 @@
-"""benchmarks/hindsight_bias.py's leave-one-part-out pick, on hand-built scores (no model, no runs)."""
+"""benchmarks/hindsight_bias.py and partial_transfer.py: their pure parts, on hand-built scores (no model, no runs)."""
 
 from __future__ import annotations
 
@@ -27,3 +27,16 @@ def test_each_part_is_scored_by_the_pick_made_without_it() -> None:
     assert picks == {"steady": 1, "lucky": 2}
     assert sorted(loo) == sorted([("a0", 0.3), ("a1", 0.3), ("b0", 0.1), ("b1", 0.1), ("c0", 0.2), ("c1", 0.2)])
     assert hb._mean(loo) < hb._mean(jobs["lucky"])  # the out-of-sample pick scores below the hindsight pick
+
+
+def test_the_partial_curve_is_a_ratio_of_sums_like_calibrations() -> None:
+    _p = Path(__file__).resolve().parents[1] / "benchmarks" / "partial_transfer.py"
+    spec = importlib.util.spec_from_file_location("bench_partial_transfer", _p)
+    assert spec is not None and spec.loader is not None
+    pt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pt)
+    k = len(pt.FRACTIONS)
+    # an answer scoring 0 in full weighs nothing; a mean of per-answer ratios would be 0/0 there
+    curve = pt.prefix_curve([(1.0, [0.5] * k), (0.0, [0.0] * k), (0.5, [0.5] * k)])
+    assert curve == [1.0 / 1.5] * k
+    assert all(g != g for g in pt.prefix_curve([(0.0, [0.0] * k)]))  # nothing scored: nan, not 0
