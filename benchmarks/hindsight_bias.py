@@ -31,6 +31,7 @@ from timebill.bench.claims import GUARD_METHOD, KILL_METHOD
 from timebill.bench.methods import FixedAlpha, Resources, Scorer
 from timebill.bench.runner import load_manifest, load_part, runs_predictor
 from timebill.bench.stats import combine, paired_ratio_interval
+from timebill.errors import TimeBillError
 
 
 def _mean(jobs: list[tuple[str, float]], tasks: set[str] | None = None) -> float:
@@ -77,8 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     labels = {runs_predictor(p) for p in args.parts} - {None}
     engine = Engine.load(None, threads=int(manifests[0]["threads"]))  # type: ignore[index]
     resources = Resources(engine, predictor_label=labels.pop() if labels else "")
-    data = [load_part(resources, p, args.suite, log=lambda m: print(m, file=sys.stderr)) for p in args.parts]
-    ev, _ = combine(data, Scorer(resources.decode))
+    try:
+        data = [load_part(resources, p, args.suite, log=lambda m: print(m, file=sys.stderr)) for p in args.parts]
+        ev, _ = combine(data, Scorer(resources.decode))
+    except TimeBillError as exc:  # a folder from another suite, overlapping parts: say so, no traceback
+        ap.error(str(exc))
     part_tasks = [{t.id for t in d.tasks} for d in data]
     fixed = [m.name for m in data[0].methods if isinstance(m, FixedAlpha)]
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from timebill.bench.methods import Resources, Scorer
 from timebill.bench.runner import load_manifest, load_part
+from timebill.errors import TimeBillError
 from timebill.quality import DEFAULT_QUALITY_FILE, load_quality
 
 FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -53,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine.load(None, threads=int(manifests[0]["threads"]))  # type: ignore[index]
     resources = Resources(engine)
     scorer = Scorer(resources.decode)
-    data = [load_part(resources, p, args.suite, log=lambda m: print(m, file=sys.stderr)) for p in args.parts]
+    try:
+        data = [load_part(resources, p, args.suite, log=lambda m: print(m, file=sys.stderr)) for p in args.parts]
+    except TimeBillError as exc:  # a folder from another suite, missing runs: say so, no traceback
+        ap.error(str(exc))
     print(f"{len(data)} parts; g(f) at f = " + ", ".join(f"{f:g}" for f in FRACTIONS))
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         per_kind: dict[str, list[tuple[float, list[float]]]] = collections.defaultdict(list)

@@ -79,16 +79,12 @@ def main(argv: list[str] | None = None) -> int:
             # Kill scores only an answer that ended by itself by T; under guard the engine stopped the run at T,
             # so its text is the answer delivered by T.
             scores = [
-                score(tasks[r["task_id"]].metric, r.get("text", ""), tasks[r["task_id"]].references)
-                if policy != "kill" or finished_by(r, float(r["budget_s"]))
-                else 0.0
+                _text_score(tasks[r["task_id"]], r) if policy != "kill" or finished_by(r, float(r["budget_s"])) else 0.0
                 for r in rs
             ]
             # the same runs scored as guard (the text delivered by T, cut or not): says whether one planner's
             # choices would also have served the other policy, and how many of its answers T cut
-            as_guard = [
-                score(tasks[r["task_id"]].metric, r.get("text", ""), tasks[r["task_id"]].references) for r in rs
-            ]
+            as_guard = [_text_score(tasks[r["task_id"]], r) for r in rs]
             cut = sum(r.get("stop_reason") not in ("eos", "max_tokens") for r in rs)
             picks = collections.Counter(r.get("configuration", r.get("stop_reason", "?")) for r in rs)
             top = ", ".join(f"{c} {n}" for c, n in picks.most_common(4))

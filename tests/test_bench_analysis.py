@@ -5,13 +5,22 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from types import ModuleType
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "hindsight_bias.py"
-_spec = importlib.util.spec_from_file_location("bench_hindsight_bias", _PATH)
-assert _spec is not None and _spec.loader is not None
-hb = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = hb
-_spec.loader.exec_module(hb)
+
+def _load(script: str) -> ModuleType:
+    """A benchmark script by path (they are not a package); importing one stays light (no model)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{script}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{script}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+hb = _load("hindsight_bias")
+pt = _load("partial_transfer")
 
 
 def test_each_part_is_scored_by_the_pick_made_without_it() -> None:
@@ -30,11 +39,6 @@ def test_each_part_is_scored_by_the_pick_made_without_it() -> None:
 
 
 def test_the_partial_curve_is_a_ratio_of_sums_like_calibrations() -> None:
-    _p = Path(__file__).resolve().parents[1] / "benchmarks" / "partial_transfer.py"
-    spec = importlib.util.spec_from_file_location("bench_partial_transfer", _p)
-    assert spec is not None and spec.loader is not None
-    pt = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pt)
     k = len(pt.FRACTIONS)
     # an answer scoring 0 in full weighs nothing; a mean of per-answer ratios would be 0/0 there
     curve = pt.prefix_curve([(1.0, [0.5] * k), (0.0, [0.0] * k), (0.5, [0.5] * k)])
