@@ -24,12 +24,11 @@ from __future__ import annotations
 import argparse
 import collections
 import statistics
-import sys
 from pathlib import Path
 
 from timebill.bench.claims import GUARD_METHOD, KILL_METHOD
-from timebill.bench.methods import FixedAlpha, Resources, Scorer
-from timebill.bench.runner import load_manifest, load_part, runs_predictor
+from timebill.bench.methods import FixedAlpha
+from timebill.bench.simulate import load_traces
 from timebill.bench.stats import combine, paired_ratio_interval
 from timebill.errors import TimeBillError
 
@@ -70,18 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.parts) < 2:
         ap.error("leave-one-part-out needs at least two parts")
 
-    from timebill.engine import Engine  # the tokenizer decodes the answers the scorer reads
-
-    manifests = [load_manifest(p) for p in args.parts]
-    if any(m is None for m in manifests):
-        ap.error("every argument must be a `timebill bench` output directory (manifest.json)")
-    labels = {runs_predictor(p) for p in args.parts} - {None}
-    engine = Engine.load(None, threads=int(manifests[0]["threads"]))  # type: ignore[index]
-    resources = Resources(engine, predictor_label=labels.pop() if labels else "")
-    try:
-        data = [load_part(resources, p, args.suite, log=lambda m: print(m, file=sys.stderr)) for p in args.parts]
-        ev, _ = combine(data, Scorer(resources.decode))
-    except TimeBillError as exc:  # a folder from another suite, overlapping parts: say so, no traceback
+    try:  # the tokenizer alone decodes the answers the scorer reads: no model is loaded
+        data, scorer = load_traces(args.parts, args.suite)
+        ev, _ = combine(data, scorer)
+    except TimeBillError as exc:  # not a bench folder, another suite, overlapping parts: say so, no traceback
         ap.error(str(exc))
     part_tasks = [{t.id for t in d.tasks} for d in data]
     fixed = [m.name for m in data[0].methods if isinstance(m, FixedAlpha)]

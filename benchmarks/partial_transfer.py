@@ -16,11 +16,9 @@ from __future__ import annotations
 import argparse
 import collections
 import math
-import sys
 from pathlib import Path
 
-from timebill.bench.methods import Resources, Scorer
-from timebill.bench.runner import load_manifest, load_part
+from timebill.bench.simulate import load_traces
 from timebill.errors import TimeBillError
 from timebill.quality import DEFAULT_QUALITY_FILE, load_quality
 
@@ -45,18 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--suite", type=Path, default=None, help="task file, if it moved since the parts ran")
     args = ap.parse_args(argv)
 
-    from timebill.engine import Engine  # the tokenizer decodes the answer prefixes the scorer reads
-
-    manifests = [load_manifest(p) for p in args.parts]
-    if any(m is None for m in manifests):
-        ap.error("every argument must be a `timebill bench` output directory (manifest.json)")
     quality = load_quality(args.quality or DEFAULT_QUALITY_FILE)
-    engine = Engine.load(None, threads=int(manifests[0]["threads"]))  # type: ignore[index]
-    resources = Resources(engine)
-    scorer = Scorer(resources.decode)
-    try:
-        data = [load_part(resources, p, args.suite, log=lambda m: print(m, file=sys.stderr)) for p in args.parts]
-    except TimeBillError as exc:  # a folder from another suite, missing runs: say so, no traceback
+    try:  # the tokenizer alone decodes the answer prefixes the scorer reads: no model is loaded
+        data, scorer = load_traces(args.parts, args.suite)
+    except TimeBillError as exc:  # not a bench folder, another suite, missing runs: say so, no traceback
         ap.error(str(exc))
     print(f"{len(data)} parts; g(f) at f = " + ", ".join(f"{f:g}" for f in FRACTIONS))
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
