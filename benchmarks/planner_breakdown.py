@@ -15,12 +15,19 @@ only when its answer ended by itself (EOS or N_max) by T, a guard job scores
 the text the engine returned (its guard stops decoding at T). Every planner's runs are also scored "as guard"
 (the Kill planner's runs stop at T too), with the count of answers that did not end by themselves (cut at T
 or refused).
+
+``--eval-quality OUT`` also writes a *diagnostic* quality file: ``--quality`` (default: the shipped one) with
+every kind's factors replaced by this evaluation's own no-deadline ratios (config / vanilla, per kind and
+pooled). Replayed with ``timebill bench-simulate … --quality OUT`` it bounds what a per-kind quality model could
+give the planner on these tasks if calibration transferred perfectly — in-sample, so never a claim, only a
+measure of how much of a gap is the calibration's transfer and how much is left to a per-task model.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import statistics
 import sys
@@ -30,6 +37,7 @@ from timebill.bench.methods import finished_by
 from timebill.bench.metrics import score
 from timebill.bench.runner import load_manifest
 from timebill.bench.suite import Task, default_suite_path, read_suite
+from timebill.quality import ALL, DEFAULT_QUALITY_FILE, knob_of, load_quality, save_quality
 
 
 def _records(path: Path) -> list[dict]:
@@ -48,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("parts", nargs="+", type=Path)
     ap.add_argument("--suite", type=Path, default=default_suite_path())
+    ap.add_argument("--eval-quality", type=Path, help="write the diagnostic quality file here (see above)")
+    ap.add_argument("--quality", type=Path, default=DEFAULT_QUALITY_FILE, help="quality file it starts from")
     args = ap.parse_args(argv)
     tasks = {t.id: t for t in read_suite(args.suite).tasks}
     fixed: dict[str, dict[str, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
@@ -92,7 +102,36 @@ def main(argv: list[str] | None = None) -> int:
                 f"  {kind:<10} score {_mean100(scores):5.1f}  as guard {_mean100(as_guard):5.1f} (not ended by itself "
                 f"{cut}/{len(rs)})  picks: {top}"
             )
+    if args.eval_quality is not None:
+        _write_eval_quality(fixed, args.quality, args.eval_quality)
+        print(f"\ndiagnostic quality file (this evaluation's own factors, in-sample): {args.eval_quality}")
     return 0
+
+
+def _write_eval_quality(fixed: dict[str, dict[str, list[float]]], start: Path, out: Path) -> None:
+    """``start`` with each kind's factors set to mean(config) / mean(vanilla) over this run's tasks of that kind."""
+    if "vanilla" not in fixed:
+        sys.exit("--eval-quality needs vanilla's runs (the reference every factor is relative to)")
+    model = load_quality(start)
+
+    def mean_of(name: str, kind: str) -> float:
+        per = fixed[name]
+        return statistics.mean(s for v in per.values() for s in v) if kind == ALL else statistics.mean(per[kind])
+
+    kinds = {}
+    for kind, k in model.kinds.items():
+        if kind != ALL and kind not in fixed["vanilla"]:
+            kinds[kind] = k
+            continue
+        ref = mean_of("vanilla", kind)
+        relative = dict(k.relative)
+        for name in fixed:
+            knob = knob_of(name) if name != "vanilla" else None
+            if knob is not None and ref > 0:
+                relative[knob] = mean_of(name, kind) / ref
+        kinds[kind] = dataclasses.replace(k, relative=relative)
+    extra = {"combine": "diagnostic: factors from an evaluation's own no-deadline runs (in-sample, not a calibration)"}
+    save_quality(dataclasses.replace(model, kinds=kinds, extra=extra), out)
 
 
 if __name__ == "__main__":

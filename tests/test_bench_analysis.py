@@ -1,4 +1,5 @@
-"""benchmarks/hindsight_bias.py and partial_transfer.py: their pure parts, on hand-built scores (no model, no runs)."""
+"""benchmarks/hindsight_bias.py, partial_transfer.py, planner_breakdown.py: their pure parts, on hand-built scores
+(no model, no runs)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ def _load(script: str) -> ModuleType:
 
 hb = _load("hindsight_bias")
 pt = _load("partial_transfer")
+pb = _load("planner_breakdown")
 
 
 def test_each_part_is_scored_by_the_pick_made_without_it() -> None:
@@ -44,3 +46,21 @@ def test_the_partial_curve_is_a_ratio_of_sums_like_calibrations() -> None:
     curve = pt.prefix_curve([(1.0, [0.5] * k), (0.0, [0.0] * k), (0.5, [0.5] * k)])
     assert curve == [1.0 / 1.5] * k
     assert all(g != g for g in pt.prefix_curve([(0.0, [0.0] * k)]))  # nothing scored: nan, not 0
+
+
+def test_the_diagnostic_quality_file_reads_the_evaluations_own_ratios(tmp_path: Path) -> None:
+    from timebill.quality import DEFAULT_QUALITY_FILE, load_quality
+
+    fixed = {
+        "vanilla": {"code": [0.2, 0.4], "chat": [0.1, 0.1]},
+        "compress-0.75": {"code": [0.3, 0.6], "chat": [0.05, 0.05]},
+    }
+    out = tmp_path / "q.json"
+    pb._write_eval_quality(fixed, DEFAULT_QUALITY_FILE, out)
+    shipped, q = load_quality(DEFAULT_QUALITY_FILE), load_quality(out)
+    assert abs(q.kinds["code"].relative["rho:0.75"] - 1.5) < 1e-6  # 0.45 / 0.3
+    assert abs(q.kinds["chat"].relative["rho:0.75"] - 0.5) < 1e-6
+    assert abs(q.kinds["all"].relative["rho:0.75"] - 1.25) < 1e-6  # (0.9 + 0.1) / (0.6 + 0.2), every task pooled
+    assert q.kinds["retrieval"].relative == shipped.kinds["retrieval"].relative  # no runs of that kind: unchanged
+    assert q.kinds["code"].relative["rho:0.5"] == shipped.kinds["code"].relative["rho:0.5"]  # not measured here
+    assert "diagnostic" in q.extra["combine"]
