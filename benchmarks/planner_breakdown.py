@@ -8,9 +8,11 @@ themselves, no model loaded, nothing re-run.
 
     python benchmarks/planner_breakdown.py docs/results/bench-v2/p00 ... docs/results/bench-v2/p15
 
-Prints (1) each fixed configuration's mean no-deadline score ×100 per kind over all the parts' tasks,
-(2) per budget level (the parts' k-th budget) and policy, the planner's configurations per kind with its
-Kill / guard score there. Scores use the benchmark's metrics (``timebill.bench.metrics``); a Kill job scores
+Prints (1) each fixed configuration's mean no-deadline score ×100 per kind over all the parts' tasks, and its
+answers' mean length and how many ended by EOS (a configuration can change how long the model answers; the
+planner's length prior is vanilla's), (2) per budget level (the parts' k-th budget) and policy, the
+planner's configurations per kind with its Kill / guard score there, and per kind how many of each fixed
+configuration's answers were complete by T (the paper's completion). Scores use the benchmark's metrics (``timebill.bench.metrics``); a Kill job scores
 only when its answer ended by itself (EOS or N_max) by T, a guard job scores
 the text the engine returned (its guard stops decoding at T). Every planner's runs are also scored "as guard"
 (the Kill planner's runs stop at T too), with the count of answers that did not end by themselves (cut at T
@@ -62,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     tasks = {t.id: t for t in read_suite(args.suite).tasks}
     fixed: dict[str, dict[str, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
     planned: dict[tuple[int, str], list[dict]] = collections.defaultdict(list)
+    # per fixed configuration and kind, (record, the part's budgets): completion at each level
+    traces: dict[str, dict[str, list[tuple[dict, list[float]]]]] = collections.defaultdict(
+        lambda: collections.defaultdict(list)
+    )
     for part in args.parts:
         manifest = load_manifest(part)
         if manifest is None:
@@ -76,12 +82,21 @@ def main(argv: list[str] | None = None) -> int:
                     planned[(budgets.index(float(r["budget_s"])), run.stem.removeprefix("timebill-"))].append(r)
                 else:
                     fixed[run.stem][task.kind].append(score(task.metric, r.get("text", ""), task.references))
+                    traces[run.stem][task.kind].append((r, budgets))
     kinds = sorted({k for per in fixed.values() for k in per})
     print("no-deadline score x100 per kind (tasks)")
     print(f"{'configuration':<16}" + "".join(f"{k:>12}" for k in kinds) + f"{'all':>8}")
     for name, per in sorted(fixed.items(), key=lambda kv: -statistics.mean(s for v in kv[1].values() for s in v)):
         cells = "".join(f"{100 * statistics.mean(per[k]):>7.1f} ({len(per[k])})" for k in kinds)
         print(f"{name:<16}{cells}{100 * statistics.mean(s for v in per.values() for s in v):>8.1f}")
+    print("\nno-deadline answers per kind: mean tokens, ended by EOS (of answers)")
+    for name in sorted(traces):
+        cells = "".join(
+            f"{statistics.mean(len(r.get('token_ids', [])) for r, _ in traces[name][k]):>7.0f} tok, EOS "
+            f"{sum(r.get('stop_reason') == 'eos' for r, _ in traces[name][k])}/{len(traces[name][k]):<4}"
+            for k in kinds
+        )
+        print(f"{name:<16}{cells}")
     for (level, policy), recs in sorted(planned.items()):
         print(f"\nlevel {level + 1} of {len(budgets)}, {policy}:")
         for kind in kinds:
@@ -102,6 +117,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"  {kind:<10} score {_mean100(scores):5.1f}  as guard {_mean100(as_guard):5.1f} (not ended by itself "
                 f"{cut}/{len(rs)})  picks: {top}"
             )
+        if policy == "kill":  # completion does not depend on the policy; print it once per level
+            for kind in kinds:
+                done = ", ".join(
+                    f"{name} {sum(finished_by(r, b[level]) for r, b in traces[name][kind])}/{len(traces[name][kind])}"
+                    for name in sorted(traces)
+                )
+                print(f"  {kind:<10} fixed, complete by T: {done}")
     if args.eval_quality is not None:
         _write_eval_quality(fixed, args.quality, args.eval_quality)
         print(f"\ndiagnostic quality file (this evaluation's own factors, in-sample): {args.eval_quality}")
