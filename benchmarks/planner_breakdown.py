@@ -9,14 +9,13 @@ themselves, no model loaded, nothing re-run.
     python benchmarks/planner_breakdown.py docs/results/bench-v2/p00 ... docs/results/bench-v2/p15
 
 Prints (1) each fixed configuration's mean no-deadline score ×100 per kind over all the parts' tasks, and its
-answers' mean length and how many ended by EOS (a configuration can change how long the model answers; the
-planner's length prior is vanilla's), (2) per budget level (the parts' k-th budget) and policy, the
-planner's configurations per kind with its Kill / guard score there, and per kind how many of each fixed
-configuration's answers were complete by T (the paper's completion). Scores use the benchmark's metrics (``timebill.bench.metrics``); a Kill job scores
-only when its answer ended by itself (EOS or N_max) by T, a guard job scores
-the text the engine returned (its guard stops decoding at T). Every planner's runs are also scored "as guard"
-(the Kill planner's runs stop at T too), with the count of answers that did not end by themselves (cut at T
-or refused).
+answers' mean length and how many ended by EOS (a configuration can change how long the model answers; the planner's
+length prior is vanilla's), (2) per budget level (the parts' k-th budget) and policy, the planner's configurations
+per kind with its Kill / guard score there, and per kind how many of each fixed configuration's answers were
+complete by T (the paper's completion). Scores use the benchmark's metrics (``timebill.bench.metrics``); a Kill job
+scores only when its answer ended by itself (EOS or N_max) by T, a guard job scores the text the engine returned
+(its guard stops decoding at T). Every planner's runs are also scored "as guard" (the Kill planner's runs stop at T
+too), with the count of answers that did not end by themselves (cut at T or refused).
 
 ``--eval-quality OUT`` also writes a *diagnostic* quality file: ``--quality`` (default: the shipped one) with
 every kind's factors replaced by this evaluation's own no-deadline ratios (config / vanilla, per kind and
